@@ -1,0 +1,600 @@
+"""GPT-OSS in one file: config, RMSNorm, YaRN RoPE, attention with sinks, MoE, HF checkpoints.
+
+Read top to bottom. The numbers come from ../shared/SPEC.md section 1; the design choices:
+
+- ModelConfig uses Hugging Face's field names, so config.json is read and written as is.
+- Parameter names mirror the HF checkpoint ("model." prefix aside), so loading and saving
+  is a name-for-name copy with every key and shape checked.
+- RMSNorm and the softmax statistics run in fp32 whatever the model dtype; logits are fp32.
+- RoPE is YaRN without rounding the ramp bounds (truncate=False); the cos/sin tables are
+  computed once in float64 and cached per device and dtype.
+- Attention sinks are one extra softmax column per head (no value vector). `attention` is
+  the one attention function used by training and by the KV-cached sampler; the mask is
+  derived from absolute query and key positions, so a cache may hold rows of different
+  lengths (or a ring buffer) without special cases. `naive_attention` is the reference.
+- MoE groups (token, expert) pairs by expert and runs each expert once on its rows: no
+  expert weight is ever gathered per token, and training and inference share the one path
+  (the retrospective's OOM came from a separate inference path that ran every expert).
+- Checkpoints: HF layout, bf16-form experts ([in, out]) or MXFP4 blocks/scales ([out, in]),
+  single file or sharded, loaded tensor by tensor into a model built on the meta device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+def _default_rope_parameters() -> dict:
+    return {
+        "rope_type": "yarn",
+        "rope_theta": 150000.0,
+        "factor": 32.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "original_max_position_embeddings": 4096,
+        "truncate": False,  # GPT-OSS does NOT round the YaRN ramp bounds (SPEC 1)
+    }
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 201088
+    hidden_size: int = 2880
+    intermediate_size: int = 2880  # per expert; the fused gate_up projection is twice as wide
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 8
+    head_dim: int = 64
+    num_local_experts: int = 32
+    num_experts_per_tok: int = 4
+    sliding_window: int = 128
+    layer_types: list[str] | None = None  # default: sliding on even layers, full on odd
+    rope_parameters: dict = field(default_factory=_default_rope_parameters)
+    rms_norm_eps: float = 1e-5
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = False
+    attention_bias: bool = True
+    initializer_range: float = 0.02
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.layer_types is None:
+            self.layer_types = [
+                "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(self.num_hidden_layers)
+            ]
+        self.layer_types = list(self.layer_types)
+        self.rope_parameters = {**_default_rope_parameters(), **self.rope_parameters}
+        self.validate()
+
+    def validate(self):
+        """Raise ValueError naming the first field that is wrong."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "num_local_experts", "num_experts_per_tok"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"config: {name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"config: num_attention_heads ({self.num_attention_heads}) must be divisible "
+                             f"by num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"config: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ValueError(f"config: num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
+                             f"num_local_experts ({self.num_local_experts})")
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"config: layer_types has {len(self.layer_types)} entries, "
+                             f"expected num_hidden_layers = {self.num_hidden_layers}")
+        bad = sorted(set(self.layer_types) - {"sliding_attention", "full_attention"})
+        if bad:
+            raise ValueError(f"config: unknown layer_types {bad}; use 'sliding_attention' or 'full_attention'")
+        if "sliding_attention" in self.layer_types and not (isinstance(self.sliding_window, int)
+                                                            and self.sliding_window > 0):
+            raise ValueError(f"config: sliding_window must be a positive integer, got {self.sliding_window!r}")
+        if self.tie_word_embeddings:
+            raise ValueError("config: tie_word_embeddings=True is not GPT-OSS (its embeddings are untied)")
+        if self.rope_parameters.get("rope_type") != "yarn":
+            raise ValueError(f"config: rope_type must be 'yarn', got {self.rope_parameters.get('rope_type')!r}")
+        low, high = yarn_bounds(self)
+        if not 0 < low < high < self.head_dim / 2 - 1:
+            raise ValueError(f"config: YaRN ramp bounds low={low:.4f}, high={high:.4f} must satisfy "
+                             f"0 < low < high < head_dim/2 - 1 = {self.head_dim / 2 - 1}")
+
+    @classmethod
+    def from_json(cls, path: str) -> "ModelConfig":
+        """Read an HF config.json: `rope_parameters`, or the legacy `rope_scaling` + `rope_theta`."""
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read config {path}: {e}") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"config {path}: expected a JSON object, got {type(raw).__name__}")
+        if raw.get("model_type", "gpt_oss") != "gpt_oss":
+            raise ValueError(f"config {path}: model_type is {raw['model_type']!r}, expected 'gpt_oss'")
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        rope = {"rope_theta": raw.get("rope_theta", 150000.0), **rope}
+        rope.setdefault("truncate", False)  # transformers defaults a missing key to True: GPT-OSS is False
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in raw.items() if k in known and k != "rope_parameters"}
+        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in required if k not in raw]
+        if missing:
+            raise ValueError(f"config {path}: missing required field(s) {missing}")
+        try:
+            return cls(**kwargs, rope_parameters=rope)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config {path}: {e}") from e
+
+    def to_hf_dict(self) -> dict:
+        d = asdict(self)
+        d["rope_theta"] = self.rope_parameters["rope_theta"]
+        return {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", **d}
+
+
+PRESETS = {
+    "gpt-oss-20b": dict(num_hidden_layers=24, num_local_experts=32),
+    "gpt-oss-120b": dict(num_hidden_layers=36, num_local_experts=128),
+    # CPU configurations: "tiny" for tests (seconds), "small" for benchmarks and training.
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=8,
+                 num_experts_per_tok=2, sliding_window=8, max_position_embeddings=4096),
+    "small": dict(vocab_size=2048, hidden_size=512, intermediate_size=512, num_hidden_layers=6,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_local_experts=16,
+                  num_experts_per_tok=4, sliding_window=32, max_position_embeddings=4096),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A named configuration, optionally with fields overridden: preset("tiny", vocab_size=300)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm and RoPE
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * w, computed in fp32 (no "1 + w")."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def yarn_bounds(cfg: ModelConfig, truncate: bool | None = None) -> tuple[float, float]:
+    """The YaRN ramp bounds in units of frequency index j (SPEC 1); rounded only if truncate."""
+    rp = cfg.rope_parameters
+    truncate = rp["truncate"] if truncate is None else truncate
+    d, base, ctx = cfg.head_dim, rp["rope_theta"], rp["original_max_position_embeddings"]
+
+    def dim_for(rotations):  # the frequency index that turns `rotations` times over the context
+        return d / 2 * math.log(ctx / (rotations * 2 * math.pi)) / math.log(base)
+
+    low, high = dim_for(rp["beta_fast"]), dim_for(rp["beta_slow"])
+    if truncate:  # the bug vLLM and SGLang shipped: changes some frequencies by up to 76%
+        low, high = math.floor(low), math.ceil(high)
+    return low, high
+
+
+def yarn_inv_freq(cfg: ModelConfig, truncate: bool | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_dim/2,) in float64 and the cos/sin concentration factor."""
+    rp = cfg.rope_parameters
+    d, factor = cfg.head_dim, rp["factor"]
+    j = torch.arange(d // 2, dtype=torch.float64)
+    inv_freq = rp["rope_theta"] ** (-2 * j / d)
+    low, high = yarn_bounds(cfg, truncate)
+    ramp = ((j - low) / (high - low)).clamp(0, 1)  # 0: keep (extrapolate), 1: interpolate
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    concentration = 0.1 * math.log(factor) + 1.0
+    return inv_freq, concentration
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables built once in float64 and cached per (device, dtype), grown on demand."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self._tables: dict = {}  # (device, dtype) -> (cos, sin), each (L, head_dim/2)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        """positions (B, T) -> cos, sin (B, T, 1, head_dim/2) in `dtype`."""
+        key = (positions.device, dtype)
+        need = int(positions.max()) + 1 if positions.numel() else 1
+        if key not in self._tables or self._tables[key][0].shape[0] < need:
+            length = max(2 ** math.ceil(math.log2(max(need, 2))), 256)
+            inv_freq, concentration = yarn_inv_freq(self.cfg)
+            angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq  # (L, D/2)
+            cos, sin = angles.cos() * concentration, angles.sin() * concentration
+            self._tables[key] = (cos.to(positions.device, dtype), sin.to(positions.device, dtype))
+        cos, sin = self._tables[key]
+        return cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
+
+
+def apply_rope(x, cos, sin):
+    """Half-split rotation (not interleaved). x (B, T, H, D); cos, sin (B, T, 1, D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention with sinks
+
+
+def _default_positions(q, k, q_pos, k_pos):
+    """Absolute positions (B, Tq) and (B, Tk); by default the queries are the last Tq keys."""
+    B, Tq, Tk = q.shape[0], q.shape[1], k.shape[1]
+    if k_pos is None:
+        k_pos = torch.arange(Tk, device=q.device).expand(B, Tk)
+    if q_pos is None:
+        q_pos = torch.arange(Tk - Tq, Tk, device=q.device).expand(B, Tq)
+    return q_pos, k_pos
+
+
+def attention_mask(q_pos, k_pos, causal=True, sliding_window=None):
+    """(B, Tq, Tk) bool: key j visible to query i. Negative key positions are empty cache slots."""
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    visible = kp >= 0
+    if causal:
+        visible = visible & (kp <= qp)
+    if sliding_window is not None:  # the window counts the query itself: i - W < j <= i
+        visible = visible & (qp - kp < sliding_window)
+    return visible
+
+
+def naive_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=None, k_pos=None, scale=None):
+    """Reference attention with sinks: the sink is one extra softmax column, dropped after.
+
+    q (B, Tq, Hq, D); k, v (B, Tk, Hkv, D); sinks (Hq,); q_pos (B, Tq), k_pos (B, Tk) absolute
+    positions (defaults: the queries are the last Tq of the Tk keys). Returns (B, Tq, Hq, D).
+    """
+    if sliding_window is not None and not causal:
+        raise ValueError("sliding_window requires causal=True")
+    B, Tq, Hq, D = q.shape
+    Hkv = k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_pos, k_pos = _default_positions(q, k, q_pos, k_pos)
+    k = k.repeat_interleave(Hq // Hkv, dim=2)  # (B, Tk, Hq, D): query head h uses kv head h // G
+    v = v.repeat_interleave(Hq // Hkv, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale  # (B, Hq, Tq, Tk)
+    visible = attention_mask(q_pos, k_pos, causal, sliding_window)[:, None]  # (B, 1, Tq, Tk)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    sink = sinks.to(acc).view(1, Hq, 1, 1).expand(B, Hq, Tq, 1)
+    probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]  # drop the sink column
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.to(acc))
+    return out.to(q.dtype)
+
+
+def attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=None, k_pos=None, scale=None):
+    """The attention every caller uses (trainer and sampler alike). Same signature as naive_attention."""
+    return naive_attention(q, k, v, sinks, causal=causal, sliding_window=sliding_window,
+                           q_pos=q_pos, k_pos=k_pos, scale=scale)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=bias)
+        self.sinks = nn.Parameter(torch.zeros(self.n_head))  # one learned logit per query head
+        sliding = cfg.layer_types[layer_idx] == "sliding_attention"
+        self.sliding_window = cfg.sliding_window if sliding else None
+
+    def forward(self, x, cos, sin, positions=None, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, Hq, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, Hkv, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_pos = positions
+        if cache is not None:  # the sampler's KV cache returns every key it holds for these rows
+            k, v, k_pos = cache.update(self.layer_idx, k, v, positions)
+        o = attention(q, k, v, self.sinks, sliding_window=self.sliding_window, q_pos=positions, k_pos=k_pos)
+        return self.o_proj(o.reshape(B, T, self.n_head * self.head_dim))
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixture of experts
+
+
+class Experts(nn.Module):
+    """E experts, each a clamped SwiGLU MLP. Weights in the HF bf16-form layout [in, out]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, H, 2 * I))  # columns interleave gate, linear
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
+        self.down_proj = nn.Parameter(torch.empty(E, I, H))
+        self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
+        self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha
+
+    def mlp(self, e: int, x):
+        """Expert e on its rows x (n, H) -> (n, H)."""
+        h = x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]  # (n, 2I)
+        gate, lin = h[:, 0::2], h[:, 1::2]  # INTERLEAVED: even columns gate, odd columns linear
+        gate = gate.clamp(max=self.limit)
+        lin = lin.clamp(-self.limit, self.limit)
+        act = gate * torch.sigmoid(self.alpha * gate) * (lin + 1)  # (n, I)
+        return act @ self.down_proj[e] + self.down_proj_bias[e]
+
+    def forward(self, x, expert_idx, weights):
+        """x (N, H); expert_idx, weights (N, k) -> sum_k weights * expert(x), (N, H)."""
+        N, k = expert_idx.shape
+        flat = expert_idx.reshape(-1)  # (N*k,) the expert of each (token, slot) pair
+        order = torch.argsort(flat, stable=True)  # pairs grouped by expert
+        token = order // k  # (N*k,) the token of each pair, in expert order
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        rows = x[token].split(counts)  # one (n_e, H) block per expert: no per-token weights
+        y = torch.cat([self.mlp(e, r) for e, r in enumerate(rows) if r.shape[0] > 0])  # (N*k, H)
+        y = y * weights.reshape(-1)[order, None].to(y.dtype)
+        return x.new_zeros(N, x.shape[1]).index_add(0, token, y)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=True)
+        self.experts = Experts(cfg)
+
+    def forward(self, x):
+        B, T, H = x.shape
+        x = x.reshape(B * T, H)
+        logits = self.router(x)  # (N, E)
+        top_logits, top_idx = torch.topk(logits, self.top_k, dim=-1)  # top-k of the RAW logits
+        weights = top_logits.softmax(dim=-1)  # softmax over the k chosen only
+        return self.experts(x, top_idx, weights).view(B, T, H)
+
+
+# ----------------------------------------------------------------------------------------------
+# The transformer
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg)
+
+    def forward(self, x, cos, sin, positions=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied
+        self.rope = RotaryEmbedding(cfg)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None):
+        """Normal(0, initializer_range) matrices, zero biases and sinks, unit norms; the two
+        residual projections scaled by 1/sqrt(2 * layers) so the residual stream stays O(1)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif p.dim() == 1 or name.endswith("_bias"):
+                p.zero_()
+            else:
+                s = std / math.sqrt(2 * self.config.num_hidden_layers) if name.endswith(
+                    ("o_proj.weight", "down_proj")) else std
+                p.copy_(torch.randn(p.shape, generator=gen) * s)
+
+    def forward(self, input_ids, positions=None, cache=None):
+        """input_ids (B, T) -> fp32 logits (B, T, V).
+
+        positions (B, T): absolute position of each token (default 0..T-1 in every row).
+        cache: the sampler's KV cache; its update(layer_idx, k, v, positions) stores the new keys
+        and returns (k, v, k_pos) for every key the rows can attend to (k_pos < 0: empty slot).
+        """
+        B, T = input_ids.shape
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
+        x = self.embed_tokens(input_ids)  # (B, T, H)
+        rope_pos = positions if positions is not None else torch.arange(T, device=x.device).expand(B, T)
+        cos, sin = self.rope(rope_pos, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, positions, cache)
+        return self.lm_head(self.norm(x)).float()
+
+    # ------------------------------------------------------------------------------------------
+    # HF-format checkpoints
+
+    def hf_state_names(self) -> dict[str, nn.Parameter]:
+        """HF checkpoint name -> parameter (everything but lm_head lives under 'model.')."""
+        return {(n if n.startswith("lm_head") else "model." + n): p for n, p in self.named_parameters()}
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device="cpu") -> "Transformer":
+        """Load an HF-format directory: config.json + *.safetensors (sharded or not), experts in
+        bf16 form or MXFP4. Every expected tensor must be present with its shape; nothing extra."""
+        cfg = ModelConfig.from_json(os.path.join(path, "config.json"))
+        with torch.device("meta"):  # no memory until each tensor is copied in
+            model = cls(cfg)
+        model = model.to(dtype).to_empty(device=device)
+        with _CheckpointReader(path) as ckpt:
+            params = model.hf_state_names()
+            ckpt.check_names(params)
+            for name, p in params.items():
+                with torch.no_grad():
+                    p.copy_(ckpt.load(name, tuple(p.shape), p.dtype))
+        return model
+
+    def save_pretrained(self, path: str, max_shard_bytes: int = 4 << 30):
+        """Write config.json and safetensors (experts in bf16 form, [in, out]) in the HF layout."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        dtype = next(self.parameters()).dtype
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump({**self.config.to_hf_dict(), "dtype": str(dtype).removeprefix("torch.")}, f, indent=2)
+        tensors = {n: p.detach().contiguous().cpu() for n, p in self.hf_state_names().items()}
+        shards, size = [{}], 0
+        for name, t in tensors.items():
+            if size and size + t.nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += t.nbytes
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in shard})
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading checkpoints (bf16 form and MXFP4)
+
+FP4_VALUES = [+0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+MXFP4_EXPERT_TENSORS = ("gate_up_proj", "down_proj")
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    """MXFP4 -> dense. blocks (..., G, 16) uint8, scales (..., G) uint8 -> (..., G * 32).
+
+    Each byte holds two e2m1 codes, low nibble first; each block of 32 values shares one
+    power-of-two scale 2^(scale - 127). Exact: every result is representable in bf16.
+    """
+    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
+    low, high = lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]  # (..., G, 16) each
+    values = torch.stack((low, high), dim=-1).flatten(-2)  # (..., G, 32): element 2i low, 2i+1 high
+    values = torch.ldexp(values, (scales.to(torch.int32) - 127).unsqueeze(-1).to(dtype))
+    return values.flatten(-2)
+
+
+class _CheckpointReader:
+    """Tensor-by-tensor access to the safetensors files of an HF directory."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        else:
+            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no *.safetensors files in {path}")
+            weight_map = {}
+            for fname in files:
+                with safe_open(os.path.join(path, fname), framework="pt") as f:
+                    weight_map.update({k: fname for k in f.keys()})
+        self.path, self.weight_map = path, weight_map
+        self.files = {fname: safe_open(os.path.join(path, fname), framework="pt")
+                      for fname in sorted(set(weight_map.values()))}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.files.clear()
+
+    def _mxfp4_name(self, name: str) -> str | None:
+        """'...experts.gate_up_proj' -> its MXFP4 base name when the checkpoint stores blocks."""
+        if name.endswith(MXFP4_EXPERT_TENSORS) and name + "_blocks" in self.weight_map:
+            return name
+        return None
+
+    def check_names(self, params: dict):
+        expected = set()
+        for name in params:
+            if self._mxfp4_name(name):
+                expected |= {name + "_blocks", name + "_scales"}
+            else:
+                expected.add(name)
+        missing = sorted(expected - set(self.weight_map))
+        unexpected = sorted(set(self.weight_map) - expected)
+        if missing:
+            shapes = {n: tuple(params[n].shape) for n in missing if n in params}
+            raise ValueError(f"checkpoint {self.path} is missing {len(missing)} tensor(s): "
+                             + ", ".join(f"{n} (expected shape {shapes.get(n, '?')})" for n in missing[:8]))
+        if unexpected:
+            raise ValueError(f"checkpoint {self.path} has {len(unexpected)} unexpected tensor(s): "
+                             + ", ".join(unexpected[:8]))
+
+    def _get(self, name: str) -> torch.Tensor:
+        return self.files[self.weight_map[name]].get_tensor(name)
+
+    def load(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor `name` as `dtype`, checked against the expected (bf16-form) shape."""
+        if self._mxfp4_name(name):
+            return self._load_mxfp4(name, shape, dtype)
+        t = self._get(name)
+        if not t.is_floating_point():
+            raise ValueError(f"tensor {name} has dtype {t.dtype}, expected a floating-point dtype")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}")
+        return t.to(dtype)
+
+    def _load_mxfp4(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        E, n_in, n_out = shape  # the bf16 form is [in, out]; MXFP4 stores [out, in]
+        blocks, scales = self._get(name + "_blocks"), self._get(name + "_scales")
+        for t, suffix in ((blocks, "_blocks"), (scales, "_scales")):
+            if t.dtype != torch.uint8:
+                raise ValueError(f"tensor {name}{suffix} has dtype {t.dtype}, expected torch.uint8")
+        want_blocks, want_scales = (E, n_out, n_in // 32, 16), (E, n_out, n_in // 32)
+        if tuple(blocks.shape) != want_blocks or tuple(scales.shape) != want_scales:
+            raise ValueError(f"tensor {name}_blocks/_scales have shapes {tuple(blocks.shape)}/"
+                             f"{tuple(scales.shape)}, expected {want_blocks}/{want_scales}")
+        # One expert at a time keeps the temporaries small for 20B/120B checkpoints.
+        return torch.stack([dequantize_mxfp4(blocks[e], scales[e], dtype).T for e in range(E)])
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[tokens] in fp32. logits (B, T, V), tokens (B, T) -> (B, T)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameters of a configuration, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in Transformer(cfg).parameters())
