@@ -84,6 +84,11 @@ def _seq_mean(x: torch.Tensor, m: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return _clean(x, m).sum(dim) / m.sum(dim).clamp(min=1)
 
 
+def _frac(selected: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
+    """|selected & among| / |among| for bool tensors (counts, so computed in fp64); 0 if among is empty."""
+    return (selected & among).sum().double() / among.sum().clamp(min=1).double()
+
+
 def _masked_max(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.where(m, _fp(x), -math.inf).max() if m.any() else x.new_zeros((), dtype=_fp(x).dtype)
 
@@ -94,11 +99,11 @@ def _masked_min(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 def _floats(metrics: dict) -> dict[str, float]:
     """Tensor-valued metrics -> Python floats with a single device sync."""
-    keys = list(metrics)
-    if not keys:
+    if not metrics:
         return {}
-    vals = torch.stack([torch.as_tensor(metrics[k]).detach().double().cpu().reshape(()) for k in keys])
-    return dict(zip(keys, vals.tolist()))
+    dev = next((v.device for v in metrics.values() if torch.is_tensor(v)), torch.device("cpu"))
+    vals = torch.stack([torch.as_tensor(v).detach().to(dev, torch.float64).reshape(()) for v in metrics.values()])
+    return dict(zip(metrics, vals.tolist()))  # .tolist(): the one device -> host copy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,7 +158,8 @@ def compute_advantages(rewards: torch.Tensor, group_size: int, estimator: str = 
 # Loss aggregation
 
 
-def aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", norm_length: float | None = None) -> torch.Tensor:
+def aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
+              norm_length: float | None = None) -> torch.Tensor:
     """Reduce a per-token loss x (B, T) over the selected tokens to a scalar.
 
     token-mean:               sum_{b,t} x / sum_{b,t} m           (every token weighs the same)
@@ -194,7 +200,7 @@ def ppo_ratio(logp: torch.Tensor, old_logp: torch.Tensor | None, mask: torch.Ten
     """
     m = _as_mask(mask)
     logp = _clean(logp, m)
-    old = logp.detach() if old_logp is None else _clean(old_logp, m)
+    old = logp.detach() if old_logp is None else _clean(old_logp, m).detach()  # pi_old is a constant
     return torch.exp((logp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
@@ -330,7 +336,8 @@ def get_correction(correction: "str | RolloutCorrection") -> RolloutCorrection:
 
 def _log_rho(old_logp: torch.Tensor, rollout_logp: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """log_rho_t = clamp(old - rollout, -20, 20) at selected tokens, 0 elsewhere; no gradient."""
-    return (_clean(old_logp.detach(), m) - _clean(rollout_logp.detach(), m)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    diff = _clean(old_logp.detach(), m) - _clean(rollout_logp.detach(), m)
+    return diff.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
 
 
 def rejection_mask(log_rho: torch.Tensor, mask: torch.Tensor, cfg: RolloutCorrection) -> torch.Tensor:
@@ -354,7 +361,8 @@ def rejection_mask(log_rho: torch.Tensor, mask: torch.Tensor, cfg: RolloutCorrec
 
 
 def rollout_correction(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
-                       cfg: "str | RolloutCorrection" = "off") -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+                       cfg: "str | RolloutCorrection" = "off"
+                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Importance weights and rejection for decoupled PPO (no gradient flows through either).
 
     Returns (weights, keep, metrics):
@@ -370,8 +378,12 @@ def rollout_correction(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask:
     Pass pi_old (not pi_theta) as old_logp: the weight corrects the sampling distribution and must
     not change while the policy is optimised. pi_rollout must NOT become PPO's denominator (PPO-IS).
     """
-    cfg = get_correction(cfg)
-    m = _as_mask(mask)
+    w, keep, metrics = _rollout_correction(old_logp, rollout_logp, _as_mask(mask), get_correction(cfg))
+    return w, keep, _floats(metrics)
+
+
+def _rollout_correction(old_logp, rollout_logp, m, cfg):
+    """`rollout_correction` with tensor-valued metrics (converted by the caller in one sync)."""
     _check("old_logp", old_logp, m)
     _check("rollout_logp", rollout_logp, m)
     log_rho = _log_rho(old_logp, rollout_logp, m)
@@ -380,22 +392,31 @@ def rollout_correction(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask:
     w = _is_weights(log_rho, m, keep, cfg)
     w = torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
     alive = m.any(-1)
-    n = keep.sum().clamp(min=1)
     mean = masked_mean(w, keep)
     metrics = {
         "rollout_corr/rollout_is_mean": mean,
         "rollout_corr/rollout_is_std": masked_mean((w - mean) ** 2, keep).sqrt(),
         "rollout_corr/rollout_is_min": _masked_min(w, keep),
         "rollout_corr/rollout_is_max": _masked_max(w, keep),
-        "rollout_corr/rollout_is_eff_sample_size": w.sum() ** 2 / (n * (w**2).sum()).clamp(min=1e-30)
-        if keep.any() else torch.ones(()),
-        "rollout_corr/rollout_rs_masked_fraction": (m & ~keep).sum() / m.sum().clamp(min=1),
-        "rollout_corr/rollout_rs_seq_masked_fraction": (alive & ~accept).sum() / alive.sum().clamp(min=1),
+        "rollout_corr/rollout_is_eff_sample_size": _ess(w, keep),
+        "rollout_corr/rollout_rs_masked_fraction": _frac(~keep, m),
+        "rollout_corr/rollout_rs_seq_masked_fraction": _frac(~accept, alive),
     }
-    return w, keep, _floats(metrics)
+    return w, keep, metrics
 
 
-def _is_weights(log_rho: torch.Tensor, m: torch.Tensor, keep: torch.Tensor, cfg: RolloutCorrection) -> torch.Tensor:
+def _ess(w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Normalised effective sample size (sum w)^2 / (N sum w^2) over the N kept tokens (w = 0 elsewhere).
+
+    1 when all weights are equal, 1/N when one weight carries everything; 1 for an empty selection.
+    """
+    if not keep.any():
+        return w.new_ones(())
+    return w.sum() ** 2 / (keep.sum() * (w**2).sum()).clamp(min=1e-30)
+
+
+def _is_weights(log_rho: torch.Tensor, m: torch.Tensor, keep: torch.Tensor,
+                cfg: RolloutCorrection) -> torch.Tensor:
     """w before rejection is applied: level (token / sequence), IcePop band, TIS cap, normalisation."""
     if cfg.is_level == "none":
         return torch.ones_like(log_rho)
@@ -422,7 +443,8 @@ def _is_weights(log_rho: torch.Tensor, m: torch.Tensor, keep: torch.Tensor, cfg:
 # Rollout mismatch diagnostics (log them every step, whatever the correction)
 
 
-def rollout_mismatch_metrics(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+def rollout_mismatch_metrics(old_logp: torch.Tensor, rollout_logp: torch.Tensor,
+                             mask: torch.Tensor) -> dict[str, float]:
     """How far the trainer's pi_old is from the sampler's pi_rollout on the sampled tokens.
 
     With log_rho_t = clamp(old - rollout, -20, 20), rho_t = exp(log_rho_t), means over selected
@@ -537,6 +559,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
     _check("logp", logp, m)
     if old_logp is not None:
         _check("old_logp", old_logp, m)
+    if advantages.dim() == 1 and advantages.shape[0] != m.shape[0]:
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, "
+                         f"expected ({m.shape[0]},) or {tuple(m.shape)}")
     adv = advantages[:, None].expand_as(m) if advantages.dim() == 1 else advantages
     _check("advantages", adv, m)
     corr = get_correction(cfg.correction)
@@ -545,20 +570,21 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
     metrics = {}
     weights, keep = None, m
     if rollout_logp is not None:
-        weights, keep, metrics = rollout_correction(old, rollout_logp, m, corr)
+        weights, keep, metrics = _rollout_correction(old, rollout_logp, m, corr)
     elif not corr.off:
         raise ValueError(f"rollout correction {cfg.correction!r} needs rollout_logp (the sampler's log-probs)")
 
     ratio = ppo_ratio(logp, old_logp, keep)
-    obj, clipped, dual_clipped = clipped_surrogate(ratio, _clean(adv, keep), cfg.eps_low, cfg.eps_high, cfg.dual_clip)
+    adv = _clean(adv, keep)
+    obj, clipped, dual_clipped = clipped_surrogate(ratio, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
     if weights is not None:
         obj = weights * obj
     pg_loss = -aggregate(obj, keep, cfg.loss_agg, cfg.norm_length)
     loss = pg_loss
     metrics.update(
         pg_loss=pg_loss.detach(),
-        pg_clipfrac=masked_mean(clipped.float(), keep),
-        pg_clipfrac_lower=masked_mean(dual_clipped.float(), keep),
+        pg_clipfrac=_frac(clipped, keep),
+        pg_clipfrac_lower=_frac(dual_clipped, keep),
         ppo_kl=masked_mean(_clean(old, keep).detach() - _clean(logp, keep).detach(), keep),
     )
     if ref_logp is not None:
@@ -577,10 +603,4 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
     elif cfg.entropy_coef:
         raise ValueError("entropy_coef > 0 needs the per-token entropy tensor")
     metrics["loss"] = loss.detach()
-    return loss, _merge(metrics)
-
-
-def _merge(metrics: dict) -> dict[str, float]:
-    """Correction metrics are already floats; convert the tensor-valued rest in one sync."""
-    done = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    return {**done, **_floats({k: v for k, v in metrics.items() if not isinstance(v, float)})}
+    return loss, _floats(metrics)
