@@ -70,6 +70,7 @@ STOP_TOKENS = (RETURN, CALL, END)  # the full assistant stop set; RETURN and CAL
 CHANNELS = ("analysis", "commentary", "final")
 _NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # roles and recipients
 _WORD_RE = re.compile(r"[A-Za-z0-9_\-]{1,32}")  # channels and constrain types
+_TOOL_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*\.[A-Za-z0-9_.\-]+")  # functions.NAME, browser.search, ...
 
 
 class HarmonyError(ValueError):
@@ -718,6 +719,8 @@ class Env:
                 raise _Malformed("a tool call must end with <|call|>")
             if m.channel != "commentary":
                 raise _Malformed("tool calls go on the commentary channel")
+            if not _TOOL_RE.fullmatch(m.recipient):  # e.g. to=user: the reply would forge a message
+                raise _Malformed("a recipient must be a tool: namespace.name (functions.NAME)")
             reply = self._tool_call(m)
             self.replies.append(reply)
             if self._outcome:
