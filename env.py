@@ -6,12 +6,12 @@ environment answers a tool call with the tool's reply message followed by `<|sta
 and so on until a final answer, an error or the turn limit ends the episode with a reward.
 
     env = make_env("calculator")              # toy tokenizer, compact prompt
-    prompt = env.reset(seed=0)                # prompt.token_ids ends with <|start|>assistant
+    ids = env.reset(seed=0).token_ids         # ends with <|start|>assistant
     while True:
         gen = sample(model, ids, stop=env.stop_token_ids)   # includes the stop token
         tokens, reward, done, info = env.step(gen)          # or env.step(text)
-        if done: break
-        ids += gen + tokens                                  # tokens get loss mask 0
+        ids = ids + gen + tokens                             # tokens get loss mask 0 ([] when done)
+        if done: break                                       # info["success"], info["reason"]
 
 Design choices
 - One harmony renderer for every tokenizer: a conversation is rendered to a string and encoded
@@ -23,8 +23,8 @@ Design choices
   anything. Text actions are encoded first and parsed the same way.
 - The toy tokenizer is byte-level (every string encodes, nothing is unknown) plus the harmony
   special tokens plus one token for every recurring piece of text (roles, channels, recipients,
-  JSON argument prefixes, tool replies, names and words of the tasks). A tool call is ~10-20
-  tokens and a whole episode 40-130, so a tiny model learns the tasks on a CPU in minutes.
+  JSON argument prefixes, tool replies, names and words of the tasks). A tool call is 9-21
+  tokens and a whole episode 40-115, so a tiny model learns the tasks on a CPU in minutes.
 - Two prompt modes: compact (one user message; the task is recognisable from it) for the toy
   model, full (system + developer message declaring the tools in harmony's TypeScript-namespace
   style + user) for a real checkpoint. The assistant side of the format is the same in both.
@@ -373,8 +373,12 @@ def load_tokenizer(path: str) -> Tokenizer:
 # ----------------------------------------------------------------------------------------------
 # Tools: declarations and the safe calculator
 
+TOOL_NAMES = ("calculator", "search", "guess")  # one per environment; declared in each one's section
+
+
 @dataclass(frozen=True)
 class Tool:
+    """A function tool, declared to a real model in the developer message (full prompt mode)."""
     name: str
     description: str
     params: tuple[tuple[str, str, str], ...]  # (name, TypeScript type, description)
@@ -573,10 +577,12 @@ class Prompt(NamedTuple):
 
 
 class Step(NamedTuple):
+    """What step() returns. info["reason"] is "tool_call" or "thinking" while the episode goes on,
+    and "correct", "wrong_answer", "max_turns" or "malformed" (details in info["detail"]) at the end."""
     tokens: list[int]  # to append after the generated tokens (tool reply + <|start|>assistant); [] when done
     reward: float  # the episode's reward on the terminal step, 0 before
     done: bool
-    info: dict  # success (bool), reason (str), detail, turn, reply; answer and env when done
+    info: dict  # success, reason, detail, turn, reply (the tool's text), env; answer when done
 
 
 @dataclass
@@ -671,8 +677,9 @@ class Env:
 
         p_skip_tool: probability that the expert answers at once from memory (usually wrong)
         instead of calling the tool. p_mistake: probability of a wrong step (calculator: a typo in
-        the expression; lookup: searching the wrong name; guess: a random guess in the feasible
-        interval instead of the midpoint). With both 0 the expert gets reward 1 on every seed.
+        the expression; lookup: searching the wrong name; guess: a guess at the edge of the
+        feasible interval instead of its midpoint, per guess). p_skip_tool is decided on the first
+        turn only. With both 0 the expert gets reward 1 on every seed.
         rng defaults to one seeded from the seed, so demonstrations are reproducible.
         """
         rng = rng or random.Random(f"expert:{self.name}:{seed}")
@@ -784,7 +791,6 @@ class Env:
 # ----------------------------------------------------------------------------------------------
 # 1. calculator (ReTool-like): arithmetic a tiny model cannot do in its head
 
-TOOL_NAMES = ("calculator", "search", "guess")
 CALC_QUESTION = "What is "
 CALCULATOR = Tool("calculator", "Evaluates an arithmetic expression: integers, + - * / ** and parentheses.",
                   (("expr", "string", "The expression, e.g. 12*(3+4)"),))
@@ -958,7 +964,9 @@ class GuessEnv(Env):
         lo, hi = self.lo, self.hi  # the hidden number is always in [lo, hi]
         if self.turn == 0 and rng.random() < p_skip_tool:
             return completion(final(str(rng.randint(lo, hi))))
-        g = rng.randint(lo, hi) if rng.random() < p_mistake else (lo + hi) // 2
+        # A mistake is a linear-search step (the lowest or highest number still possible): it
+        # rarely finds the number sooner, so mistakes cost turns and leave room for RL.
+        g = rng.choice((lo, hi)) if rng.random() < p_mistake else (lo + hi) // 2
         return completion(tool_call("guess", {"n": g}))
 
 
