@@ -127,52 +127,67 @@ def naive_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=N
 
 
 def _tile_bounds(pos, block):
-    """(B, T) positions -> per tile of `block` columns, the (lowest, highest) non-negative position
-    over the batch, or None when the tile holds only negative (empty) positions. One host sync."""
+    """(B, T) positions -> for each tile of `block` columns, (lowest, highest, complete) over the
+    batch: the extreme non-negative positions and whether no position is negative; None for a
+    tile holding only negative (empty) positions. One host sync for all tiles."""
     B, T = pos.shape
+    if T == 0:
+        return []
     n_tiles = -(-T // block)
     padded = pos.new_full((B, n_tiles * block), -1)
     padded[:, :T] = pos
     padded = padded.view(B, n_tiles, block)  # (B, n_tiles, block)
+    valid = padded >= 0
+    valid[:, -1, block - (n_tiles * block - T):] = True  # the last tile's padding is not a slot
     lowest = torch.where(padded >= 0, padded, torch.iinfo(torch.int64).max).amin(dim=(0, 2))
     highest = padded.amax(dim=(0, 2))  # -1 when the tile has no valid position
-    return [(lo, hi) if hi >= 0 else None for lo, hi in zip(lowest.tolist(), highest.tolist())]
+    complete = valid.all(dim=2).all(dim=0)
+    return [(lo, hi, full) if hi >= 0 else None
+            for lo, hi, full in zip(lowest.tolist(), highest.tolist(), complete.tolist())]
 
 
-def _tile_schedule(q_bounds, k_bounds, causal, sliding_window):
-    """The (query tile, key tile) pairs that may hold a visible key, keys in ascending order.
+def _tile_schedule(q_tiles, k_tiles, causal, sliding_window):
+    """For each query tile i, the key tiles j that may hold a visible key, in ascending order, each
+    with whether it needs the mask: [(i, [(j, needs_mask), ...]), ...].
 
     Judged from min/max positions only, so it is safe for any k_pos (a ring buffer's positions are
-    unsorted) and exact for contiguous positions. Every pair left out is wholly masked; visiting
-    one anyway would change nothing, since a fully masked tile adds exactly 0 to a row.
+    unsorted) and exact for contiguous positions. A pair left out is wholly masked (visiting it
+    would add exactly 0 to every row). A pair wholly inside the visible region, the bulk of a
+    causal matrix, is visited without building a mask.
     """
     schedule = []
-    for i, qb in enumerate(q_bounds):
-        key_tiles = []
-        for j, kb in enumerate(k_bounds):
-            if kb is None:
+    for i, q_tile in enumerate(q_tiles):
+        visits = []
+        for j, k_tile in enumerate(k_tiles):
+            if k_tile is None:
                 continue  # only empty cache slots
-            if causal:
-                if qb is None:
-                    break  # every query of the tile sits before position 0: sees nothing
-                (q_lo, q_hi), (k_lo, k_hi) = qb, kb
-                if k_lo > q_hi:
-                    continue  # every key is in every query's future
-                if sliding_window is not None and q_lo - k_hi >= sliding_window:
-                    continue  # every key has left every query's window
-            key_tiles.append(j)
-        schedule.append((i, key_tiles))
+            k_lo, k_hi, k_complete = k_tile
+            if not causal:
+                visits.append((j, not k_complete))
+                continue
+            if q_tile is None:
+                break  # every query of the tile sits before position 0: sees nothing
+            q_lo, q_hi, q_complete = q_tile
+            if k_lo > q_hi:
+                continue  # every key is in every query's future
+            if sliding_window is not None and q_lo - k_hi >= sliding_window:
+                continue  # every key has left every query's window
+            inside = (q_complete and k_complete and k_hi <= q_lo
+                      and (sliding_window is None or q_hi - k_lo < sliding_window))
+            visits.append((j, not inside))
+        schedule.append((i, visits))
     return schedule
 
 
 def _tiled_layout(q, k, v, scale):
     """Cast to the accumulation dtype and stack each kv group's query heads: q -> (B, Hkv, G, Tq, D)
-    already multiplied by the scale; k, v -> (B, Hkv, Tk, D)."""
+    already multiplied by the scale; k, v -> (B, Hkv, Tk, D) contiguous, so a key tile is a plain
+    view that matmul reads without copying."""
     B, Tq, Hq, D = q.shape
     Hkv = k.shape[2]
     acc = _accumulation_dtype(q.dtype)
     qg = (q.to(acc) * scale).transpose(1, 2).reshape(B, Hkv, Hq // Hkv, Tq, D)  # head h = kv*G + g
-    return qg, k.to(acc).transpose(1, 2), v.to(acc).transpose(1, 2)
+    return qg, k.to(acc).transpose(1, 2).contiguous(), v.to(acc).transpose(1, 2).contiguous()
 
 
 class FlashAttentionWithSinks(torch.autograd.Function):
@@ -190,7 +205,7 @@ class FlashAttentionWithSinks(torch.autograd.Function):
                                   causal, sliding_window)
         o = qg.new_empty(B, Hkv, G, Tq, D)
         lse = qg.new_empty(B, Hkv, G, Tq)
-        for i, key_tiles in schedule:
+        for i, visits in schedule:
             i0, i1 = i * block_q, min((i + 1) * block_q, Tq)
             tq = i1 - i0
             q_tile = qg[:, :, :, i0:i1].reshape(B, Hkv, G * tq, D)  # rows (g, i) of one kv head
@@ -198,11 +213,12 @@ class FlashAttentionWithSinks(torch.autograd.Function):
             m = sink.expand(B, Hkv, G, tq, 1)
             l = torch.ones_like(m)
             o_tile = qg.new_zeros(B, Hkv, G, tq, D)
-            for j in key_tiles:
+            for j, needs_mask in visits:
                 j0, j1 = j * block_k, min((j + 1) * block_k, Tk)
                 s = (q_tile @ kt[:, :, j0:j1].transpose(-1, -2)).view(B, Hkv, G, tq, j1 - j0)
-                visible = _visible(q_pos[:, i0:i1], k_pos[:, j0:j1], causal, sliding_window)
-                s.masked_fill_(~visible[:, None, None], -math.inf)  # (B, 1, 1, tq, bk) broadcast
+                if needs_mask:
+                    visible = _visible(q_pos[:, i0:i1], k_pos[:, j0:j1], causal, sliding_window)
+                    s.masked_fill_(~visible[:, None, None], -math.inf)  # (B, 1, 1, tq, bk) broadcast
                 m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))  # finite: m starts at the sink
                 alpha = torch.exp(m - m_new)  # rescales what was accumulated under the old max
                 p = torch.exp(s - m_new)  # masked entries become exactly 0
@@ -233,7 +249,7 @@ class FlashAttentionWithSinks(torch.autograd.Function):
         dq = torch.zeros_like(qg)  # (B, Hkv, G, Tq, D)
         dk = torch.zeros_like(kt)  # (B, Hkv, Tk, D): summed over the G query heads of the group
         dv = torch.zeros_like(vt)
-        for i, key_tiles in schedule:
+        for i, visits in schedule:
             i0, i1 = i * block_q, min((i + 1) * block_q, Tq)
             tq = i1 - i0
             q_tile = qg[:, :, :, i0:i1].reshape(B, Hkv, G * tq, D)
@@ -241,12 +257,13 @@ class FlashAttentionWithSinks(torch.autograd.Function):
             lse_tile = lse[:, :, :, i0:i1].reshape(B, Hkv, G * tq, 1)
             delta_tile = delta[:, :, :, i0:i1].reshape(B, Hkv, G * tq, 1)
             dq_tile = torch.zeros_like(q_tile)
-            for j in key_tiles:
+            for j, needs_mask in visits:
                 j0, j1 = j * block_k, min((j + 1) * block_k, Tk)
                 k_tile, v_tile = kt[:, :, j0:j1], vt[:, :, j0:j1]  # (B, Hkv, bk, D)
                 s = (q_tile @ k_tile.transpose(-1, -2)).view(B, Hkv, G, tq, j1 - j0)
-                visible = _visible(q_pos[:, i0:i1], k_pos[:, j0:j1], causal, sliding_window)
-                s.masked_fill_(~visible[:, None, None], -math.inf)
+                if needs_mask:
+                    visible = _visible(q_pos[:, i0:i1], k_pos[:, j0:j1], causal, sliding_window)
+                    s.masked_fill_(~visible[:, None, None], -math.inf)
                 p = torch.exp(s.view(B, Hkv, G * tq, j1 - j0) - lse_tile)  # P recomputed, sink-normalised
                 dv[:, :, j0:j1] += p.transpose(-1, -2) @ do_tile  # sums rows of all G heads
                 dp = do_tile @ v_tile.transpose(-1, -2)  # (B, Hkv, G*tq, bk)
@@ -410,3 +427,62 @@ def attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=None, k
     _log_backend_once(backend, why)
     return _BACKEND_FUNCTIONS[backend](q, k, v, sinks, causal=causal, sliding_window=sliding_window,
                                        q_pos=q_pos, k_pos=k_pos, scale=scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark: python attention_dev.py [T]  (peak memory and time of forward + backward, flash vs naive;
+# Linux only: it reads /proc/self/status)
+
+
+def _rss_mib(field):
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, in MiB (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def _measure_in_this_process(backend, T):
+    """Forward + backward of one backend at B=1, Hq=8, Hkv=2, D=64, fp32 (causal); returns the
+    peak resident memory during the call minus the resident memory before it (MiB), and seconds."""
+    import time
+    torch.manual_seed(0)
+    q = torch.randn(1, T, 8, 64, requires_grad=True)
+    k = torch.randn(1, T, 2, 64, requires_grad=True)
+    v = torch.randn(1, T, 2, 64, requires_grad=True)
+    sinks = torch.randn(8, requires_grad=True)
+    warm = [t[:, :256].detach().requires_grad_() for t in (q, k, v)]
+    attention(*warm, sinks.detach(), backend=backend).sum().backward()  # first-call costs, not counted
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak (VmHWM) to the current RSS, forgetting the import's peak
+    rss_before = _rss_mib("VmRSS")
+    start = time.perf_counter()
+    attention(q, k, v, sinks, backend=backend).sum().backward()
+    seconds = time.perf_counter() - start
+    return _rss_mib("VmHWM") - rss_before, seconds
+
+
+def _benchmark(T):
+    import subprocess
+    import sys
+    print(f"causal attention forward + backward, B=1 T={T} Hq=8 Hkv=2 D=64 fp32, "
+          f"{torch.get_num_threads()} threads; each backend in a fresh process")
+    results = {}
+    for backend in ("flash", "naive"):
+        # A fresh process per backend: ru_maxrss never goes down, so runs must not share one
+        code = (f"import attention_dev as a; m, s = a._measure_in_this_process({backend!r}, {T}); "
+                f"print(m, s)")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)))
+        if done.returncode != 0:
+            print(f"{backend:>6}: failed (exit {done.returncode}): {done.stderr.strip()[-300:]}")
+            continue
+        results[backend] = tuple(float(x) for x in done.stdout.split())
+        print(f"{backend:>6}: peak extra memory {results[backend][0]:9.1f} MiB   "
+              f"time {results[backend][1]:7.2f} s")
+    if len(results) == 2:
+        print(f"naive / flash: memory {results['naive'][0] / max(results['flash'][0], 1e-9):.1f}x, "
+              f"time {results['naive'][1] / results['flash'][1]:.2f}x")
+
+
+if __name__ == "__main__":
+    import sys
+    _benchmark(int(sys.argv[1]) if len(sys.argv) > 1 else 8192)
