@@ -77,11 +77,15 @@ def _check_inputs(q, k, v, sinks, causal, sliding_window, q_pos, k_pos):
         q_pos = torch.arange(Tk - Tq, Tk, device=q.device).expand(B, Tq)
     if k_pos is None:
         k_pos = torch.arange(Tk, device=q.device).expand(B, Tk)
+    checked = []
     for name, pos, T in (("q_pos", q_pos, Tq), ("k_pos", k_pos, Tk)):
+        if pos.shape == (T,):
+            pos = pos.expand(B, T)  # one set of positions shared by every row
         if pos.shape != (B, T) or pos.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{name} must be an integer tensor of shape ({B}, {T}); got "
-                             f"{pos.dtype} {tuple(pos.shape)}")
-    return q_pos.to(device=q.device, dtype=torch.int64), k_pos.to(device=q.device, dtype=torch.int64)
+            raise ValueError(f"{name} must be an integer tensor of shape ({B}, {T}) or ({T},); "
+                             f"got {pos.dtype} {tuple(pos.shape)}")
+        checked.append(pos.to(device=q.device, dtype=torch.int64))
+    return checked
 
 
 def _visible(q_pos, k_pos, causal, sliding_window):
@@ -308,16 +312,21 @@ def nosink_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=
 # FlashAttention-4 (flash_attn.cute, pip package flash-attn-4): CUDA, SM90 (Hopper) and newer
 
 
+_fa4_import = []  # memo: [flash_attn_func or None] once the import was tried
+
+
 def _import_fa4():
     """flash_attn.cute.flash_attn_func, or None when flash-attn-4 is not installed or does not import."""
-    try:
-        from flash_attn.cute import flash_attn_func
-    except Exception:  # ImportError, or a CUDA/cutlass-dsl problem raised while importing
-        return None
-    return flash_attn_func
+    if not _fa4_import:  # try once: a failed import is not cached by Python and is slow to repeat
+        try:
+            from flash_attn.cute import flash_attn_func
+        except Exception:  # ImportError, or a CUDA/cutlass-dsl problem raised while importing
+            flash_attn_func = None
+        _fa4_import.append(flash_attn_func)
+    return _fa4_import[0]
 
 
-def _fa4_unsupported_reason(q, q_pos, k_pos):
+def _fa4_unsupported_reason(q, k, q_pos, k_pos):
     """Why this call cannot run on FlashAttention-4, or None when it can."""
     if not q.is_cuda:
         return "q is not on a CUDA device"
@@ -325,10 +334,17 @@ def _fa4_unsupported_reason(q, q_pos, k_pos):
         return "the GPU's compute capability is below 9.0 (FA4 needs Hopper or newer)"
     if q.dtype not in (torch.bfloat16, torch.float16):
         return f"FA4 takes bf16/fp16 inputs, not {q.dtype}"
-    if q_pos is not None or k_pos is not None:
-        return "per-row q_pos/k_pos cannot be expressed in FA4's (causal, window_size) arguments"
     if _import_fa4() is None:
         return "flash_attn.cute (pip install flash-attn-4) does not import"
+    if q_pos is not None or k_pos is not None:
+        # Explicit positions are fine when they are the defaults (one device sync to check)
+        B, Tq, Tk = q.shape[0], q.shape[1], k.shape[1]
+        if q_pos is not None and not torch.equal(
+                q_pos.to(q.device), torch.arange(Tk - Tq, Tk, device=q.device).expand_as(q_pos)):
+            return "q_pos is not arange(Tk - Tq, Tk) for every row: FA4 cannot express it"
+        if k_pos is not None and not torch.equal(
+                k_pos.to(q.device), torch.arange(Tk, device=q.device).expand_as(k_pos)):
+            return "k_pos is not arange(Tk) for every row (cache slots): FA4 cannot express it"
     return None
 
 
@@ -360,13 +376,14 @@ def fa4_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=Non
                   scale=None):
     """The FlashAttention-4 kernel (flash_attn.cute.flash_attn_func with learnable_sink).
 
-    Only for what FA4 can express: CUDA SM90+, bf16/fp16, default positions (FA4 aligns a shorter
-    query block to the end of the keys, as our default q_pos does). The window maps to FA4's
+    Only for what FA4 can express: CUDA SM90+, bf16/fp16, the default positions (FA4 aligns a
+    shorter query block to the end of the keys, as our default q_pos does; explicit positions
+    equal to the defaults are accepted). The window maps to FA4's
     window_size=(left, right) = (sliding_window - 1, 0): key j visible iff i - left <= j <= i.
     The sinks are passed in bf16, the dtype every FA4 release accepts for learnable_sink.
     """
     _check_inputs(q, k, v, sinks, causal, sliding_window, q_pos, k_pos)
-    reason = _fa4_unsupported_reason(q, q_pos, k_pos)
+    reason = _fa4_unsupported_reason(q, k, q_pos, k_pos)
     if reason is not None:
         raise RuntimeError(f"attention backend 'fa4' is unavailable for this call: {reason}")
     flash_attn_func = _import_fa4()
@@ -414,12 +431,13 @@ def attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=None, k
     the GPTOSS_ATTENTION environment variable; with neither, FA4 runs when the call can use it
     and the pure-PyTorch flash attention otherwise.
     """
+    _check_inputs(q, k, v, sinks, causal, sliding_window, q_pos, k_pos)  # clear errors first
     if backend is not None:
         why = "backend argument"
-    elif os.environ.get(ENV_BACKEND):
-        backend, why = os.environ[ENV_BACKEND], f"{ENV_BACKEND} environment variable"
+    elif os.environ.get(ENV_BACKEND, "").strip():
+        backend, why = os.environ[ENV_BACKEND].strip().lower(), f"{ENV_BACKEND} environment variable"
     else:
-        reason = _fa4_unsupported_reason(q, q_pos, k_pos)
+        reason = _fa4_unsupported_reason(q, k, q_pos, k_pos)
         backend = "fa4" if reason is None else "flash"
         why = "default" if reason is None else f"default; not fa4: {reason}"
     if backend not in _BACKEND_FUNCTIONS:
