@@ -519,8 +519,9 @@ class _CheckpointReader:
         if os.path.exists(index):
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
-        else:
+        else:  # model.safetensors, or every *.safetensors when it is not there
             files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            files = ["model.safetensors"] if "model.safetensors" in files else files
             if not files:
                 raise FileNotFoundError(f"no *.safetensors files in {path}")
             weight_map = {}
