@@ -1,0 +1,489 @@
+"""The closed loop: a GPT-OSS-architecture model learns agentic tasks with PPO on a CPU.
+
+What the algorithm really is:
+1. Warm start: supervised fine-tuning on a scripted expert's demonstrations (deliberately
+   imperfect: it sometimes skips the tool or guesses badly), so RL starts from a policy that
+   follows the harmony format but is far from optimal, like RL from an instruct model.
+   `--init-from DIR` starts from any HF-format checkpoint instead.
+2. Rollouts: the KV-cached sampler plays `--prompts` episodes, each `--group-size` times, in the
+   environment; multi-turn (tool calls and their replies). Tokens the model generated get loss
+   mask 1; prompt and tool replies 0. The sampler records each token's behaviour log-prob.
+3. Advantages: group-normalised rewards (GRPO; Dr. GRPO and RLOO selectable), one per episode,
+   broadcast to its generated tokens.
+4. Update: PPO's clipped objective with decoupled rollout correction (ppo.py). With one epoch
+   and one mini-batch the update is exactly on-policy: old log-probs are logp.detach(), the
+   ratio is exactly 1 and nothing is clipped; the importance weights pi_old / pi_rollout then
+   measure only the sampler/trainer mismatch, which is logged every step (rollout_corr/*).
+5. Evaluation on held-out seeds (greedy and sampled), per environment; HF-format checkpoints
+   written atomically; --resume continues bit for bit.
+
+Every run writes runs/<name>/metrics.jsonl (one JSON object per line, deterministic for a
+seed), timing.jsonl (wall-clock times, which are not), checkpoints and a PNG of the curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import env as E
+import model as M
+import ppo
+import sampler as S
+
+EVAL_SEED_BASE = 1_000_000_000  # held-out episodes: training seeds stay below this
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+# The model `make train` trains: GPT-OSS's architecture at a size a 2-core CPU trains in minutes.
+TRAIN_MODEL = dict(hidden_size=128, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=32, num_local_experts=8, num_experts_per_tok=2,
+                   sliding_window=64, max_position_embeddings=4096)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("task and model")
+    g.add_argument("--env", default="mix", choices=["mix", *E.ENVS],
+                   help="environment; 'mix' interleaves all of them (seed %% 3 picks one per episode)")
+    g.add_argument("--preset", default="train", choices=["train", *M.PRESETS],
+                   help="model size: 'train' is the small GPT-OSS this script defaults to; others are model.py presets")
+    g.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from this HF-format checkpoint (with tokenizer.json) instead of a warm start")
+    g.add_argument("--seed", type=int, default=0, help="seeds the model, the data and the sampler")
+    g.add_argument("--name", default=None, help="run name; output goes to <out>/<name> (default: <env>-s<seed>)")
+    g.add_argument("--out", default="runs", help="output root directory")
+    g.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    g = p.add_argument_group("warm start (supervised, on imperfect expert demonstrations)")
+    g.add_argument("--sft-steps", type=int, default=150, help="supervised steps (0: none)")
+    g.add_argument("--sft-batch", type=int, default=32, help="demonstrations per supervised step")
+    g.add_argument("--sft-lr", type=float, default=3e-3, help="supervised learning rate")
+    g.add_argument("--demo-skip-tool", type=float, default=0.3,
+                   help="probability that a demonstration answers from memory instead of calling the tool")
+    g.add_argument("--demo-mistake", type=float, default=0.3,
+                   help="probability of a wrong step in a demonstration (typo, wrong name, non-bisecting guess)")
+    g = p.add_argument_group("reinforcement learning")
+    g.add_argument("--steps", type=int, default=60, help="RL steps (one rollout batch and update each)")
+    g.add_argument("--prompts", type=int, default=12, help="distinct episodes (prompts) per step")
+    g.add_argument("--group-size", type=int, default=8, help="rollouts per prompt (the GRPO group)")
+    g.add_argument("--lr", type=float, default=1e-3, help="RL learning rate (AdamW)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    g.add_argument("--advantage", default="grpo", choices=["grpo", "dr-grpo", "rloo"], help="advantage estimator")
+    g.add_argument("--loss-agg", default="token-mean",
+                   choices=["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
+                   help="how token losses are averaged")
+    g.add_argument("--clip-low", type=float, default=0.2, help="PPO clip eps below 1")
+    g.add_argument("--clip-high", type=float, default=0.2, help="PPO clip eps above 1")
+    g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (1: exactly on-policy)")
+    g.add_argument("--minibatches", type=int, default=1, help="mini-batches per pass (1: exactly on-policy)")
+    g.add_argument("--rollout-correction", default="off", choices=sorted(ppo.CORRECTION_PRESETS),
+                   help="importance weighting / rejection between sampler and trainer probabilities")
+    g.add_argument("--kl-coef", type=float, default=0.0, help="KL penalty to the warm-start policy (0: off)")
+    g.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--sampler-dtype", default="float32", choices=sorted(DTYPES),
+                   help="the sampler's copy of the weights (float32 shares the trainer's module)")
+    g.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
+    g.add_argument("--max-new-tokens", type=int, default=40, help="token limit of one assistant turn")
+    g = p.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval-every", type=int, default=20, help="evaluate every N RL steps (and at the end)")
+    g.add_argument("--eval-episodes", type=int, default=48, help="held-out episodes per environment")
+    g.add_argument("--save-every", type=int, default=20, help="checkpoint every N RL steps (and at the end)")
+    g.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args(argv)
+    for name in ("sft_steps", "steps", "eval_every", "save_every"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("prompts", "sft_batch", "eval_episodes", "max_new_tokens", "ppo_epochs", "minibatches"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.group_size < 2:
+        p.error("--group-size must be >= 2 (advantages compare rollouts of the same prompt)")
+    if (args.prompts * args.group_size) % args.minibatches:
+        p.error("--minibatches must divide prompts * group-size")
+    args.name = args.name or f"{args.env}-s{args.seed}"
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Episodes: the sampler and the environments, multi-turn and batched
+
+
+@dataclass
+class Episodes:
+    """A batch of finished episodes as padded tensors (the trainer's view)."""
+    tokens: torch.Tensor  # (N, T) prompt + generated + environment tokens, right-padded with 0
+    mask: torch.Tensor  # (N, T) bool: generated by the sampler
+    rollout_logp: torch.Tensor  # (N, T) behaviour log-prob of generated tokens, 0 elsewhere
+    rewards: torch.Tensor  # (N,)
+    success: torch.Tensor  # (N,) bool
+    turns: torch.Tensor  # (N,) assistant turns taken
+    envs: list[str]  # environment of each episode
+    trajectories: list  # sampler.Trajectory per episode, for transcripts
+
+
+def play(sampler: S.Sampler, envs: list, seeds: list[int], *, temperature: float, max_new_tokens: int,
+         sample_seed: int) -> Episodes:
+    """Run len(envs) episodes to the end, all at once: each assistant turn is one batched
+    generate over the rows still playing; a tool's reply is appended without recomputing."""
+    prompts = [env.reset(seed).token_ids for env, seed in zip(envs, seeds)]
+    max_turns = max(getattr(env, "current", env).max_turns for env in envs)
+    reply_room = 64  # a tool reply + <|start|>assistant, generously
+    session = sampler.session(prompts, max_len=max(map(len, prompts)) + max_turns * (max_new_tokens + reply_room))
+    stop = envs[0].stop_token_ids
+    rewards, success, turns, names = [0.0] * len(envs), [False] * len(envs), [0] * len(envs), [""] * len(envs)
+    for turn in range(max_turns):
+        outs = session.generate(max_new_tokens, temperature=temperature, stop_tokens=stop,
+                                seed=sample_seed * 1009 + turn)
+        replies, done = {}, []
+        for row, out in outs.items():
+            step = envs[row].step(out.tokens)
+            if step.done:
+                rewards[row], success[row] = step.reward, bool(step.info["success"])
+                turns[row], names[row] = step.info["turn"], step.info["env"]
+                done.append(row)
+            else:
+                replies[row] = step.tokens
+        session.finish(done)
+        if not replies:
+            break
+        session.append(replies)
+    trajs = session.trajectories()
+    T = max(len(t.tokens) for t in trajs)
+    tokens = torch.zeros(len(trajs), T, dtype=torch.long)
+    mask = torch.zeros(len(trajs), T, dtype=torch.bool)
+    logp = torch.zeros(len(trajs), T)
+    for i, t in enumerate(trajs):
+        n = len(t.tokens)
+        tokens[i, :n], mask[i, :n], logp[i, :n] = torch.tensor(t.tokens), torch.tensor(t.mask, dtype=torch.bool), \
+            torch.tensor(t.logprobs)
+    return Episodes(tokens, mask, logp, torch.tensor(rewards), torch.tensor(success), torch.tensor(turns),
+                    names, trajs)
+
+
+def token_logprobs(model: M.Transformer, tokens: torch.Tensor):
+    """The trainer's log-probs of tokens[:, 1:] and the entropy of each predicting distribution,
+    both (N, T-1) fp32."""
+    logits = model(tokens)[:, :-1]  # (N, T-1, V): position t predicts token t+1
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+# ----------------------------------------------------------------------------------------------
+# Warm start, evaluation
+
+
+def make_envs(name: str, n: int, harmony: E.Harmony) -> list:
+    return [E.make_env(name, tokenizer=harmony) for _ in range(n)]
+
+
+def sft_batch(envs: list, seeds: list[int], skip_tool: float, mistake: float):
+    """Expert demonstrations as (tokens, mask) tensors; the loss covers the expert's tokens only."""
+    eps = [env.expert_episode(s, p_skip_tool=skip_tool, p_mistake=mistake) for env, s in zip(envs, seeds)]
+    T = max(len(e.token_ids) for e in eps)
+    tokens = torch.zeros(len(eps), T, dtype=torch.long)
+    mask = torch.zeros(len(eps), T, dtype=torch.bool)
+    for i, e in enumerate(eps):
+        tokens[i, :len(e.token_ids)] = torch.tensor(e.token_ids)
+        mask[i, :len(e.loss_mask)] = torch.tensor(e.loss_mask, dtype=torch.bool)
+    return tokens, mask
+
+
+def warm_start(model, args, harmony, log):
+    envs = make_envs(args.env, args.sft_batch, harmony)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    bar = tqdm(range(1, args.sft_steps + 1), desc="warm start", dynamic_ncols=True)
+    for step in bar:
+        lr = args.sft_lr * min(1.0, step / 10) * 0.5 * (1 + math.cos(math.pi * step / args.sft_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        seeds = [(args.seed * 7919 + step) * args.sft_batch + i for i in range(args.sft_batch)]
+        tokens, mask = sft_batch(envs, seeds, args.demo_skip_tool, args.demo_mistake)
+        logp, _ = token_logprobs(model, tokens)
+        loss = -logp[mask[:, 1:]].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        log({"phase": "sft", "step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr})
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
+def env_names(args) -> list[str]:
+    return list(E.ENVS) if args.env == "mix" else [args.env]
+
+
+@torch.no_grad()
+def evaluate(sampler, args, harmony) -> dict:
+    """Held-out success and reward per environment, greedy and sampled (temperature 1)."""
+    out = {}
+    n = args.eval_episodes
+    for name in env_names(args):
+        seeds = [EVAL_SEED_BASE + i for i in range(n)]
+        for mode, temp in (("", 0.0), ("_sampled", 1.0)):
+            eps = play(sampler, make_envs(name, n, harmony), seeds, temperature=temp,
+                       max_new_tokens=args.max_new_tokens, sample_seed=args.seed + 17)
+            out[f"eval/{name}/success{mode}"] = eps.success.float().mean().item()
+            out[f"eval/{name}/reward{mode}"] = eps.rewards.mean().item()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# One RL step
+
+
+def rl_step(model, sampler, opt, envs, args, step: int, ref_model=None) -> dict:
+    n = args.prompts
+    seeds = [(args.seed * 1_000_003 + step * n + i) % EVAL_SEED_BASE for i in range(n)]
+    seeds = [s for s in seeds for _ in range(args.group_size)]  # group members are consecutive rows
+    eps = play(sampler, envs, seeds, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+               sample_seed=args.seed * 7_000_003 + step)
+    tokens, mask = eps.tokens, eps.mask[:, 1:]  # mask and log-probs aligned with the predicted tokens
+    rollout_logp = eps.rollout_logp[:, 1:]
+    advantages = ppo.compute_advantages(eps.rewards, args.group_size, args.advantage)
+    cfg = ppo.PPOConfig(eps_low=args.clip_low, eps_high=args.clip_high, loss_agg=args.loss_agg,
+                        norm_length=tokens.shape[1], kl_coef=args.kl_coef, entropy_coef=args.entropy_coef,
+                        correction=args.rollout_correction)
+    old_logp = None  # exactly on-policy: the loss uses logp.detach()
+    if args.ppo_epochs > 1 or args.minibatches > 1:
+        with torch.no_grad():
+            old_logp = token_logprobs(model, tokens)[0]
+    ref_logp = None
+    if ref_model is not None:
+        with torch.no_grad():
+            ref_logp = token_logprobs(ref_model, tokens)[0]
+
+    metrics, skipped = {}, 0
+    rows = torch.arange(tokens.shape[0])
+    for _ in range(args.ppo_epochs):
+        for mb in rows.chunk(args.minibatches):
+            logp, entropy = token_logprobs(model, tokens[mb])
+            loss, m = ppo.policy_loss(logp, None if old_logp is None else old_logp[mb], advantages[mb], mask[mb],
+                                      cfg, rollout_logp=rollout_logp[mb],
+                                      ref_logp=None if ref_logp is None else ref_logp[mb], entropy=entropy)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                skipped += 1  # NaN/inf: skip this update, keep going; main() stops on repeats
+                opt.zero_grad(set_to_none=True)
+            else:
+                opt.step()
+            m["grad_norm"] = grad_norm.item()
+            metrics = m  # the last mini-batch's (with one mini-batch: the whole batch's)
+            if old_logp is None:  # on-policy: pi_old is this very forward
+                metrics.update(ppo.rollout_mismatch_metrics(logp.detach(), rollout_logp[mb], mask[mb]))
+    if old_logp is not None:
+        metrics.update(ppo.rollout_mismatch_metrics(old_logp, rollout_logp, mask))
+    sampler.update_weights(model)  # a no-op when the sampler shares the trainer's module
+
+    metrics.update({
+        "phase": "rl", "step": step, "skipped_updates": skipped,
+        "reward": eps.rewards.mean().item(), "success": eps.success.float().mean().item(),
+        "response_length": eps.mask.sum(1).float().mean().item(), "turns": eps.turns.float().mean().item(),
+    })
+    for name in sorted(set(eps.envs)):
+        rows_e = torch.tensor([e == name for e in eps.envs])
+        metrics[f"train/{name}/success"] = eps.success[rows_e].float().mean().item()
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: HF-format model + tokenizer + optimizer, written to a temporary dir then renamed
+
+
+def save_checkpoint(run_dir, model, opt, harmony, state: dict):
+    final = os.path.join(run_dir, "checkpoints", f"step-{state['step']:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    E.save_tokenizer(harmony.tokenizer, os.path.join(tmp, "tokenizer.json"))
+    if opt is not None:
+        sd = opt.state_dict()
+        tensors = {f"{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}
+        save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+        state = {**state, "param_groups": sd["param_groups"]}
+    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+        json.dump(state, f, indent=2)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)  # a killed run leaves a .tmp directory, never a half-written checkpoint
+    for old in sorted(list_checkpoints(run_dir))[:-2]:  # keep the last two
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir) -> list[str]:
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    return sorted(os.path.join(root, d) for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp"))
+
+
+def load_checkpoint(path, model, opt) -> dict:
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
+    loaded = M.Transformer.from_pretrained(path, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(loaded.state_dict())
+    if opt is not None:
+        tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+        per_param: dict = {}
+        for key, value in tensors.items():
+            i, name = key.split(".", 1)
+            per_param.setdefault(int(i), {})[name] = value
+        opt.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+
+class Log:
+    """metrics.jsonl (deterministic) and timing.jsonl (wall clock), appended line by line."""
+
+    def __init__(self, run_dir: str, keep_lines: int | None):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.timing = os.path.join(run_dir, "timing.jsonl")
+        self.rows: list[dict] = []
+        if keep_lines is None:  # a fresh run
+            for p in (self.path, self.timing):
+                open(p, "w").close()
+        else:  # resume: drop what was logged after the checkpoint
+            with open(self.path) as f:
+                self.rows = [json.loads(line) for line in f][:keep_lines]
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        self.t0 = time.time()
+
+    def __call__(self, row: dict):
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def time(self, **row):
+        with open(self.timing, "a") as f:
+            f.write(json.dumps({**row, "wall_s": round(time.time() - self.t0, 3)}) + "\n")
+
+
+def build_model(args, harmony) -> M.Transformer:
+    if args.init_from:
+        return M.Transformer.from_pretrained(args.init_from)
+    overrides = dict(vocab_size=harmony.vocab_size)
+    cfg = M.ModelConfig(**TRAIN_MODEL, **overrides) if args.preset == "train" else M.preset(args.preset, **overrides)
+    torch.manual_seed(args.seed)
+    model = M.Transformer(cfg)
+    model.init_weights(seed=args.seed)
+    return model
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_dir = os.path.join(args.out, args.name)
+    os.makedirs(run_dir, exist_ok=True)
+    tok_source = os.path.join(args.init_from, "tokenizer.json") if args.init_from else None
+    harmony = E.Harmony(E.load_tokenizer(tok_source) if tok_source else E.toy_tokenizer())
+    model = build_model(args, harmony)
+    if model.config.vocab_size < harmony.vocab_size:
+        sys.exit(f"error: the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's "
+                 f"({harmony.vocab_size})")
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+
+    ckpts = list_checkpoints(run_dir) if args.resume else []
+    if args.resume and not ckpts:
+        sys.exit(f"error: --resume but no checkpoint in {run_dir}/checkpoints")
+    sampler = S.Sampler(model, dtype=DTYPES[args.sampler_dtype])
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    if ckpts:
+        state = load_checkpoint(ckpts[-1], model, opt)
+        log = Log(run_dir, keep_lines=state["metrics_lines"])
+        start, warm_eval = state["step"] + 1, state["warm_eval"]
+        print(f"resumed from {ckpts[-1]} (step {state['step']})")
+    else:
+        log = Log(run_dir, keep_lines=None)
+        if not args.init_from and args.sft_steps:
+            warm_start(model, args, harmony, log)
+        log.time(phase="warm_start_done")
+        sampler.update_weights(model)
+        warm_eval = evaluate(sampler, args, harmony)
+        log({"phase": "eval", "step": 0, **warm_eval})
+        start = 1
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        save_checkpoint(run_dir, model, opt, harmony,
+                        {"step": 0, "metrics_lines": len(log.rows), "warm_eval": warm_eval})
+    ref_model = None
+    if args.kl_coef > 0:  # the reference policy: the warm start (or the checkpoint we began from)
+        ref_model = M.Transformer.from_pretrained(list_checkpoints(run_dir)[0]).requires_grad_(False)
+
+    envs = make_envs(args.env, args.prompts * args.group_size, harmony)
+    last_eval, failures = warm_eval, 0
+    bar = tqdm(range(start, args.steps + 1), desc="RL", dynamic_ncols=True, initial=start - 1, total=args.steps)
+    for step in bar:
+        metrics = rl_step(model, sampler, opt, envs, args, step, ref_model)
+        failures = failures + 1 if metrics["skipped_updates"] else 0
+        if failures >= 5:
+            sys.exit(f"error: non-finite loss or gradients in 5 consecutive steps (last at step {step}); "
+                     f"lower --lr or check the inputs")
+        if step % args.eval_every == 0 or step == args.steps:
+            last_eval = evaluate(sampler, args, harmony)
+            metrics.update(last_eval)
+        log(metrics)
+        log.time(phase="rl", step=step)
+        bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics['rollout_corr/kl']:.1e}",
+                        eval=" ".join(f"{v:.2f}" for k, v in last_eval.items() if k.endswith("/success")))
+        if step % args.save_every == 0 or step == args.steps:
+            save_checkpoint(run_dir, model, opt, harmony,
+                            {"step": step, "metrics_lines": len(log.rows), "warm_eval": warm_eval})
+    summarize(run_dir, log, warm_eval, last_eval)
+
+
+def summarize(run_dir, log, warm_eval, last_eval):
+    """The table at the end of a run, and a PNG of the main curves when matplotlib is installed."""
+    print(f"\n{'held-out':<34}{'after warm start':>18}{'after RL':>12}")
+    for key in sorted(last_eval):
+        print(f"{key:<34}{warm_eval.get(key, float('nan')):>18.3f}{last_eval[key]:>12.3f}")
+    print(f"wall time {time.time() - log.t0:.0f} s; metrics in {log.path}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rl = [r for r in log.rows if r.get("phase") == "rl"]
+    panels = [("reward", "reward"), ("entropy", "entropy"), ("grad_norm", "grad norm"),
+              ("ppo_kl", "PPO KL"), ("rollout_corr/kl", "sampler/trainer KL"),
+              ("rollout_corr/max_abs_prob_diff", "max |p_sampler - p_trainer|")]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for ax, (key, title) in zip(axes.flat, panels):
+        ax.plot([r["step"] for r in rl], [r.get(key, float("nan")) for r in rl])
+        ax.set_title(title)
+        ax.set_xlabel("RL step")
+    ax = axes.flat[len(panels)]
+    evals = [r for r in log.rows if any(k.startswith("eval/") for k in r)]
+    for key in sorted(k for k in last_eval if k.endswith("/success")):
+        ax.plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=key.split("/")[1])
+    ax.set_title("held-out greedy success")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend()
+    axes.flat[-1].axis("off")
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "curves.png"), dpi=80)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
