@@ -14,15 +14,15 @@ Design choices:
 - Flash attention = FlashAttention-2's algorithm in PyTorch ops: keys in tiles of BLOCK_K at
   fixed offsets (the same tiles in the same order whatever Tq is), queries in tiles of BLOCK_Q,
   an online softmax whose running max and sum start from the sink (m = sink, l = 1), and only
-  O and the log-sum-exp saved for the backward, which recomputes P tile by tile. Peak extra
-  memory is O(BLOCK_Q * BLOCK_K) per head instead of O(Tq * Tk).
+  O and the log-sum-exp saved for the backward, which recomputes P tile by tile. Extra memory
+  is O(T * D) buffers plus O(BLOCK_Q * BLOCK_K) scores per head, never O(Tq * Tk).
 - Tile pairs that cannot hold a visible key (all keys in the future, all out of the window, or
   all empty slots) are skipped, judged from each tile's min/max position, so a sliding-window
-  layer costs O(T * window) instead of O(T^2).
+  layer costs O(T * window) instead of O(T^2); pairs wholly visible skip building the mask.
 - GQA without repeating K/V: the G query heads of one kv head are stacked into the rows of one
   matrix (B, Hkv, G * Tq, D), so each kv head's K and V are read once per tile.
-- Precision: softmax statistics and P @ V accumulate in fp32 (fp64 for fp64 inputs); bf16 inputs
-  are upcast tile by tile, as the GPU kernels do in registers.
+- Precision: scores, softmax statistics and P @ V accumulate in fp32 (fp64 for fp64 inputs);
+  bf16 inputs are upcast once (O(T * D) memory) as the GPU kernels upcast in registers.
 - Backends: "flash" (above), "naive" (the reference), "fa4" (flash_attn.cute, CUDA SM90+), and
   "nosink", which drops the sinks as FlashAttention-2 did and is WRONG for GPT-OSS: it exists to
   reproduce the training/inference mismatch. Pick one with backend= or GPTOSS_ATTENTION.
@@ -233,7 +233,7 @@ class FlashAttentionWithSinks(torch.autograd.Function):
             o[:, :, :, i0:i1] = o_tile / l  # a row that saw no key keeps 0 / 1 = 0
             lse[:, :, :, i0:i1] = (m + torch.log(l)).squeeze(-1)  # includes the sink
         out = o.view(B, Hq, Tq, D).transpose(1, 2).to(q.dtype)  # (B, Tq, Hq, D)
-        ctx.save_for_backward(q, k, v, sinks, q_pos, k_pos, out, lse)
+        ctx.save_for_backward(q, k, v, sinks, q_pos, k_pos, out, lse.view(B, Hq, Tq))
         ctx.options = (causal, sliding_window, scale, block_q, block_k, schedule)
         return out
 
@@ -247,6 +247,7 @@ class FlashAttentionWithSinks(torch.autograd.Function):
         G = Hq // Hkv
         qg, kt, vt = _tiled_layout(q, k, v, scale)
         acc = qg.dtype
+        lse = lse.view(B, Hkv, G, Tq)  # saved as (B, Hq, Tq); rows regrouped like qg
         dog = dout.to(acc).transpose(1, 2).reshape(B, Hkv, G, Tq, D)  # same row layout as qg
         og = out.to(acc).transpose(1, 2).reshape(B, Hkv, G, Tq, D)
         delta = (dog * og).sum(dim=-1)  # (B, Hkv, G, Tq): Delta_i = dO_i . O_i
