@@ -236,6 +236,46 @@ def test_dispatch_env_argument_errors_and_logging(monkeypatch, caplog):
         naive_attention(q, k.expand(1, 5, 3, 4), v.expand(1, 5, 3, 4), sinks)
 
 
+def fake_fa4(q, k, v, softmax_scale=None, causal=False, window_size=(None, None), learnable_sink=None,
+             return_lse=False):
+    """flash_attn.cute.flash_attn_func's contract as upstream documents it, in plain PyTorch: the
+    queries are aligned to the end of the keys; window_size=(left, right) keeps keys
+    i - left <= j <= i + right (causal forces right = 0); returns (out, lse) with the sink in lse.
+    Like FA4 releases without the sink backward, it gives no gradient to learnable_sink."""
+    assert learnable_sink.dtype == torch.bfloat16 and not learnable_sink.requires_grad
+    B, Tq, Hq, D = q.shape
+    Tk, G = k.shape[1], Hq // k.shape[2]
+    i, j = torch.arange(Tk - Tq, Tk)[:, None], torch.arange(Tk)[None, :]
+    left, right = window_size
+    right = 0 if causal else right
+    visible = torch.ones(Tq, Tk, dtype=torch.bool)
+    if left is not None:
+        visible &= j >= i - left
+    if right is not None:
+        visible &= j <= i + right
+    scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    scores = torch.einsum("bihd,bjhd->bhij", q, k.repeat_interleave(G, dim=2)) * scale
+    scores = scores.masked_fill(~visible, -math.inf)
+    lse = torch.logaddexp(torch.logsumexp(scores, dim=-1), learnable_sink.float().view(1, Hq, 1))
+    out = torch.einsum("bhij,bjhd->bihd", torch.exp(scores - lse[..., None]), v.repeat_interleave(G, dim=2))
+    return out, lse
+
+
+@pytest.mark.parametrize("Tq, sliding_window", [(37, None), (37, 7), (5, 7), (1, 7)])
+def test_fa4_wrapper_with_a_stand_in_kernel(monkeypatch, Tq, sliding_window):
+    # Checks our side of the FA4 call on the CPU: the window mapping, the query alignment, and the
+    # sink gradient that _AddSinkGradient adds (compared with autograd through the reference)
+    monkeypatch.setattr(A, "_fa4_import", [fake_fa4])
+    monkeypatch.setattr(A, "_fa4_unsupported_reason", lambda *args: None)
+    inputs = make_inputs(Tq=Tq, Tk=37)
+    with torch.no_grad():
+        inputs[3].copy_(torch.tensor([-10.0, -7, -4, -1, 1, 4, 7, 10]))  # exact in bf16
+    ref = outputs_and_grads(naive_attention, inputs, sliding_window=sliding_window)
+    got = outputs_and_grads(attention, inputs, sliding_window=sliding_window)  # default -> fa4
+    errors = max_rel_errors(got, ref)
+    assert max(errors) <= 1e-5, dict(zip(["out", "dq", "dk", "dv", "dsinks"], errors))
+
+
 def _fa4_ready():
     return (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
             and A._import_fa4() is not None)
