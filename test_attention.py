@@ -9,8 +9,8 @@ import types
 import pytest
 import torch
 
-import attention_dev as A
-from attention_dev import attention, naive_attention
+import model as A
+from model import attention, naive_attention
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

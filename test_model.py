@@ -269,3 +269,19 @@ def test_out_of_range_token_ids():
     m = M.Transformer(CFG)
     with pytest.raises(ValueError, match="token id out of range"):
         m(torch.tensor([[0, CFG.vocab_size]]))
+
+
+def test_flash_path_matches_naive_path_and_nosink_does_not(hf_checkpoint):
+    hf, path = hf_checkpoint
+    ours = M.Transformer.from_pretrained(path)
+    x = inputs(T=13)
+    with torch.no_grad():
+        flash = logsoftmax(ours(x))  # the default backend on CPU
+        ours.set_attention_backend("naive")
+        naive = logsoftmax(ours(x))
+        ours.set_attention_backend("nosink")
+        nosink = logsoftmax(ours(x))
+    assert (flash - naive).abs().max().item() <= 1e-5
+    assert (nosink - naive).abs().max().item() > 1e-2  # dropping large sinks is a real error
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        ours.set_attention_backend("fast")
