@@ -9,11 +9,13 @@ token t given tokens < t), and the report says how and where each pair differs, 
 
 Engines and what their numbers are (all are log_softmax of the raw logits: no temperature,
 top-k or top-p; every number is read back as a Python float, i.e. exactly):
-- float64: this model loaded in float64, the ground truth. Its RMSNorm and logits are kept in
-  float64 here (model.py computes RMSNorm in fp32 and returns fp32 logits whatever the dtype, which
-  would cap the truth at fp32 precision), log-softmax in float64.
-- model: this model (model.py) in --dtype, full-sequence forward, model.token_logprobs: the
-  trainer's log-probs (pi_old). Log-softmax in fp32.
+- float64: this model loaded in float64, the ground truth, with the reference (naive) attention.
+  Its RMSNorm and logits are kept in float64 here (model.py computes RMSNorm in fp32 and returns
+  fp32 logits whatever the dtype, which would cap the truth at fp32 precision: measured 9.5e-7
+  max |delta logprob|, as large as the fp32 engines' own error), log-softmax in float64.
+- model: this model (model.py) in --dtype with its default attention backend (flash on CPU;
+  --attention-backend picks another), full-sequence forward, model.token_logprobs: the trainer's
+  log-probs (pi_old). Log-softmax in fp32.
 - sampler: this project's KV-cached sampler (sampler.py) in --dtype: the first --sampler-prefill
   tokens are prefilled, then every following token is fed by the decode path and scored with
   the log-prob the sampler records when it emits it (the behaviour log-prob pi_rollout, at
@@ -39,10 +41,12 @@ Tolerances (--tol, repeatable) make the exit status non-zero (1) when a pair's m
 logprob| exceeds them: 'A:B=VALUE' or 'DTYPE/A:B=VALUE', A and B engine names or '*'. An engine
 that fails to run exits with status 3.
 
---plant-bug breaks the `model` engine on purpose (for testing this tool): `nosink` drops the
-attention sinks (the FlashAttention-2 bug of the retrospective), `rounded-yarn` rounds the YaRN
-ramp bounds to integers (the bug vLLM and SGLang shipped). The other engines stay correct, so
-the report must point at `model`.
+--plant-bug breaks the `model` engine on purpose (for testing this tool): `nosink` runs
+model.py's "nosink" attention backend, which drops the sinks (the FlashAttention-2 bug of the
+retrospective): wrong from position 1 on; `rounded-yarn` loads the checkpoint with YaRN
+truncate=true, i.e. ramp bounds rounded to integers (the bug vLLM and SGLang shipped): exact at
+position 1 (which only sees position 0, rotation angle 0), then an error that grows with the
+distance between tokens. The other engines stay correct, so the report must point at `model`.
 """
 
 from __future__ import annotations
@@ -50,7 +54,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import subprocess
@@ -177,30 +180,13 @@ def _scatter(seqs, fn):
 # Engines: each returns one list per sequence, [None, logp(x_1 | x_0), ..., logp(x_T-1 | x_<T-1)]
 
 
-@contextlib.contextmanager
-def _nosink_attention():
-    """model.attention without sinks while inside: the model's own "nosink" backend when it has
-    one, else sinks pushed to -1e4 (exp underflows to exactly 0: the softmax of the keys alone)."""
-    import inspect
-
-    original = M.attention
-    has_backend = "backend" in inspect.signature(original).parameters
-    calls = [0]
-
-    def broken(q, k, v, sinks, **kw):
-        calls[0] += 1
-        if has_backend:
-            return original(q, k, v, sinks, **{**kw, "backend": "nosink"})
-        return original(q, k, v, torch.full_like(sinks, -1e4), **kw)
-
-    M.attention = broken
-    try:
-        yield calls
-    finally:
-        M.attention = original
-    if calls[0] == 0:
-        raise EngineError("--plant-bug nosink: model.attention was never called by the model's forward; "
-                          "parity.py's planting needs updating to the new attention code path")
+def _set_backend(net, backend: str | None):
+    """Force an attention backend on this model instance (model.Transformer.set_attention_backend)."""
+    if backend is None:
+        return
+    if not hasattr(net, "set_attention_backend"):
+        raise EngineError(f"attention backend {backend!r} requested but model.py has no set_attention_backend")
+    net.set_attention_backend(backend)
 
 
 @contextlib.contextmanager
@@ -220,16 +206,15 @@ def _rounded_yarn_checkpoint(checkpoint: str):
 
 
 @torch.no_grad()
-def engine_model(checkpoint: str, dtype: torch.dtype, seqs, plant_bug: str | None = None):
+def engine_model(checkpoint: str, dtype: torch.dtype, seqs, plant_bug: str | None = None, backend: str | None = None):
     """This model in `dtype`: one full forward per batch, model.token_logprobs (fp32)."""
+    if plant_bug not in (None, *PLANTED_BUGS):
+        raise ValueError(f"unknown planted bug {plant_bug!r}; choose from {PLANTED_BUGS}")
     with contextlib.ExitStack() as stack:
         if plant_bug == "rounded-yarn":
             checkpoint = stack.enter_context(_rounded_yarn_checkpoint(checkpoint))
         net = M.Transformer.from_pretrained(checkpoint, dtype=dtype).eval()
-        if plant_bug == "nosink":
-            stack.enter_context(_nosink_attention())
-        elif plant_bug not in (None, "rounded-yarn"):
-            raise ValueError(f"unknown planted bug {plant_bug!r}; choose from {PLANTED_BUGS}")
+        _set_backend(net, "nosink" if plant_bug == "nosink" else backend)
         return _scatter(seqs, lambda x: M.token_logprobs(net(x)[:, :-1], x[:, 1:]))
 
 
@@ -246,8 +231,11 @@ _RMSNORM_FORWARD = M.RMSNorm.forward
 
 @torch.no_grad()
 def engine_float64(checkpoint: str, seqs):
-    """The ground truth: this model in float64 end to end (norms, logits, log-softmax)."""
+    """The ground truth: this model in float64 end to end (norms, logits, log-softmax), with the
+    reference (naive) attention: no tiling, nothing shared with the kernels under test."""
     net = M.Transformer.from_pretrained(checkpoint, dtype=torch.float64).eval()
+    if hasattr(net, "set_attention_backend"):
+        net.set_attention_backend("naive")
     captured = []
     hook = net.lm_head.register_forward_hook(lambda mod, inp, out: captured.append(out))  # before .float()
     M.RMSNorm.forward = _rmsnorm_float64
@@ -266,7 +254,7 @@ def engine_float64(checkpoint: str, seqs):
 
 
 @torch.no_grad()
-def engine_sampler(checkpoint: str, dtype: torch.dtype, seqs, prefill: int = 1):
+def engine_sampler(checkpoint: str, dtype: torch.dtype, seqs, prefill: int = 1, backend: str | None = None):
     """The sampler's behaviour log-probs of the given tokens: prefill, then the decode path."""
     try:
         import sampler as S
@@ -275,6 +263,7 @@ def engine_sampler(checkpoint: str, dtype: torch.dtype, seqs, prefill: int = 1):
     if not hasattr(S, "sample") or not hasattr(S, "Sampler"):
         raise EngineError("sampler engine unavailable: sampler.py has no Sampler/sample to force tokens through")
     net = M.Transformer.from_pretrained(checkpoint, dtype=dtype).eval()
+    _set_backend(net, backend)
     smp = S.Sampler(net)
     out = [None] * len(seqs)
     real_sample = S.sample
@@ -465,7 +454,7 @@ def _matches(tol: dict, dtype: str, a: str, b: str) -> bool:
 
 def run(checkpoint: str, seqs, dtypes=("float32",), engines=ALL_ENGINES, tols=(), plant_bug=None,
         threshold=None, worst=5, sampler_prefill=1, vllm_python=None, vllm_kv_cache_gib=1,
-        vllm_timeout=1200.0, log=None) -> dict:
+        vllm_timeout=1200.0, backend=None, log=None) -> dict:
     """Score `seqs` with every engine in every dtype and compare; returns the report (a dict)."""
     log = log or (lambda msg: None)
     unknown = sorted(set(engines) - set(ALL_ENGINES))
@@ -493,9 +482,9 @@ def run(checkpoint: str, seqs, dtypes=("float32",), engines=ALL_ENGINES, tols=()
     for d in dtypes:
         dt = DTYPES[d]
         if "model" in engines:
-            logprobs[d]["model"] = timed(f"model {d}", lambda: engine_model(checkpoint, dt, seqs, plant_bug))
+            logprobs[d]["model"] = timed(f"model {d}", lambda: engine_model(checkpoint, dt, seqs, plant_bug, backend))
         if "sampler" in engines:
-            logprobs[d]["sampler"] = timed(f"sampler {d}", lambda: engine_sampler(checkpoint, dt, seqs, sampler_prefill))
+            logprobs[d]["sampler"] = timed(f"sampler {d}", lambda: engine_sampler(checkpoint, dt, seqs, sampler_prefill, backend))
         if "transformers" in engines:
             logprobs[d]["transformers"] = timed(f"transformers {d}", lambda: engine_transformers(checkpoint, dt, seqs))
     if "vllm" in engines:
@@ -504,7 +493,7 @@ def run(checkpoint: str, seqs, dtypes=("float32",), engines=ALL_ENGINES, tols=()
         for d in dtypes:
             logprobs[d]["vllm"] = per_dtype[d]
 
-    report = {"checkpoint": os.path.abspath(checkpoint), "plant_bug": plant_bug,
+    report = {"checkpoint": os.path.abspath(checkpoint), "plant_bug": plant_bug, "attention_backend": backend,
               "sequences": {"count": len(seqs), "lengths": sorted({len(s) for s in seqs}),
                             "tokens": [list(s) for s in seqs]},
               "engines": [e for e in ALL_ENGINES if e in engines], "seconds": timings,
@@ -630,10 +619,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"the vLLM venv's python (default ${VLLM_PYTHON_ENV} or .venv-vllm/bin/python; `make vllm-venv`)")
     ap.add_argument("--vllm-kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE, whole GiB (default 1)")
     ap.add_argument("--vllm-timeout", type=float, default=1200.0, help="seconds before the vLLM subprocess is killed")
+    ap.add_argument("--attention-backend", choices=getattr(M, "BACKENDS", ("flash", "naive", "fa4", "nosink")),
+                    default=None, help="attention backend of the model and sampler engines (default: model.py's "
+                    "choice: fa4 on a GPU that has it, else flash); the float64 truth always uses naive")
     ap.add_argument("--plant-bug", choices=PLANTED_BUGS, default=None,
                     help="FOR TESTING THIS TOOL: break the `model` engine on purpose: nosink = attention without "
                          "sinks; rounded-yarn = YaRN ramp bounds rounded to integers")
     ap.add_argument("--json", metavar="PATH", help="write the full report (stats, worst tokens, every log-prob) as JSON")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads for the in-process engines (default: torch's choice); 1 is faster for "
+                         "tiny checkpoints on a busy machine, where each small op otherwise waits for the other threads")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return ap
 
@@ -651,6 +646,10 @@ def main(argv=None) -> int:
             ap.error(f"--engines: unknown engine {e!r}; choose from {', '.join(ALL_ENGINES)}")
     if args.seq_len < 2 or args.num_sequences < 1:
         ap.error("--seq-len must be >= 2 and --num-sequences >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[parity] {msg}", file=sys.stderr, flush=True))
 
     if args.random_checkpoint:
@@ -682,7 +681,7 @@ def main(argv=None) -> int:
     try:
         report = run(args.checkpoint, seqs, dtypes, engines, args.tol, args.plant_bug, args.threshold,
                      args.worst, args.sampler_prefill, args.vllm_python, args.vllm_kv_cache_gib,
-                     args.vllm_timeout, log)
+                     args.vllm_timeout, args.attention_backend, log)
     except EngineError as e:
         print(f"parity.py: {e}", file=sys.stderr)
         return 3

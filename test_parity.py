@@ -23,6 +23,15 @@ TOL32 = 1e-5
 BF16_LOOSE = 2.0  # bf16 is reported; asserted only against a loose bound (random weights, measured ~1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny shapes: on a busy 2-core machine 2 threads made the sampler engine 20x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("parity-ckpt"))
@@ -157,7 +166,7 @@ def test_planted_nosink_caught_from_position_1(checkpoint, seqs, tmp_path):
     out = tmp_path / "report.json"
     done = subprocess.run([sys.executable, os.path.join(HERE, "parity.py"), "--checkpoint", checkpoint,
                            "--sequences", str(jsonl), "--engines", "float64,model,transformers",
-                           "--tol", "float32/*:*=1e-5", "--plant-bug", "nosink", "--json", str(out), "--quiet"],
+                           "--tol", "float32/*:*=1e-5", "--plant-bug", "nosink", "--json", str(out), "--quiet", "--threads", "1"],
                           capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert done.returncode == 1, done.stdout + done.stderr
     assert "TOLERANCE EXCEEDED" in done.stdout and "PLANTED BUG in `model`: nosink" in done.stdout
