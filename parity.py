@@ -12,7 +12,10 @@ top-k or top-p; every number is read back as a Python float, i.e. exactly):
 - float64: this model loaded in float64, the ground truth, with the reference (naive) attention.
   Its RMSNorm and logits are kept in float64 here (model.py computes RMSNorm in fp32 and returns
   fp32 logits whatever the dtype, which would cap the truth at fp32 precision: measured 9.5e-7
-  max |delta logprob|, as large as the fp32 engines' own error), log-softmax in float64.
+  max |delta logprob|, as large as the fp32 engines' own error), log-softmax in float64. For a
+  dtype that rounds the checkpoint's weights (bf16 engines on an fp32 checkpoint), the engines of
+  that dtype are compared with float64 on the rounded weights, so a delta is arithmetic, not
+  weight rounding; the report says how far the rounding alone moves the truth.
 - model: this model (model.py) in --dtype with its default attention backend (flash on CPU;
   --attention-backend picks another), full-sequence forward, model.token_logprobs: the trainer's
   log-probs (pi_old). Log-softmax in fp32.
@@ -230,10 +233,23 @@ _RMSNORM_FORWARD = M.RMSNorm.forward
 
 
 @torch.no_grad()
-def engine_float64(checkpoint: str, seqs):
+def engine_float64(checkpoint: str, seqs, weights_dtype: torch.dtype | None = None):
     """The ground truth: this model in float64 end to end (norms, logits, log-softmax), with the
-    reference (naive) attention: no tiling, nothing shared with the kernels under test."""
+    reference (naive) attention: no tiling, nothing shared with the kernels under test.
+
+    weights_dtype: first round every weight to that dtype (the weights a bf16 engine computes
+    with), so that the truth differs from the engine by its arithmetic only. Returns None when
+    the rounding changes no weight (e.g. float32 on an fp32 or bf16 checkpoint): the plain truth
+    is that truth."""
     net = M.Transformer.from_pretrained(checkpoint, dtype=torch.float64).eval()
+    if weights_dtype is not None:
+        changed = False
+        for p in net.parameters():
+            rounded = p.to(weights_dtype).to(torch.float64)
+            changed |= not torch.equal(rounded, p)
+            p.copy_(rounded)
+        if not changed:
+            return None
     if hasattr(net, "set_attention_backend"):
         net.set_attention_backend("naive")
     captured = []
@@ -478,7 +494,11 @@ def run(checkpoint: str, seqs, dtypes=("float32",), engines=ALL_ENGINES, tols=()
         log(f"{name}: {timings[name]:.1f} s")
         return result
 
-    truth = timed("float64", lambda: engine_float64(checkpoint, seqs)) if "float64" in engines else None
+    truth, rounded_truth = None, {}
+    if "float64" in engines:
+        truth = timed("float64", lambda: engine_float64(checkpoint, seqs))
+        for d in dtypes:  # the truth on the weights each dtype's engines see (None: the same weights)
+            rounded_truth[d] = timed(f"float64 on {d} weights", lambda: engine_float64(checkpoint, seqs, DTYPES[d]))
     for d in dtypes:
         dt = DTYPES[d]
         if "model" in engines:
@@ -503,12 +523,17 @@ def run(checkpoint: str, seqs, dtypes=("float32",), engines=ALL_ENGINES, tols=()
         names = [e for e in ENGINES if e in logprobs[d]]
         pairs = [(e, "float64") for e in names if truth is not None]
         pairs += [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+        truth_d = rounded_truth.get(d) or truth
         stats = []
         for a, b in pairs:
-            la, lb = logprobs[d][a], (truth if b == "float64" else logprobs[d][b])
+            la, lb = logprobs[d][a], (truth_d if b == "float64" else logprobs[d][b])
             stats.append({"a": a, "b": b, **compare(la, lb, seqs, thr, worst)})
-        report["dtypes"][d] = {"threshold": thr, "pairs": stats,
-                               "logprobs": {**({"float64": truth} if truth is not None else {}), **logprobs[d]}}
+        rounding = None  # how far rounding the weights alone moves the truth
+        if rounded_truth.get(d) is not None:
+            rounding = compare(rounded_truth[d], truth, seqs, thr, worst)
+        report["dtypes"][d] = {"threshold": thr, "pairs": stats, "weight_rounding": rounding,
+                               "logprobs": {**({"float64": truth_d} if truth is not None else {}), **logprobs[d]},
+                               **({"float64_checkpoint_weights": truth} if rounding else {})}
         for tol in tols:
             for s in stats:
                 if _matches(tol, d, s["a"], s["b"]) and s["tokens"]:
@@ -538,6 +563,10 @@ def format_report(report: dict) -> str:
              "  identical = bit-identical log-probs; first>thr = first position with |delta| > the threshold"]
     for d, block in report["dtypes"].items():
         lines += ["", f"== {d} (threshold {block['threshold']:g}) =="]
+        r = block.get("weight_rounding")
+        if r:
+            lines.append(f"  float64 = the truth on the checkpoint's weights rounded to {d}, which alone moves it by "
+                         f"max |dlogp| {_g(r['max_abs'])} (mean {_g(r['mean_abs'])}); the rows compare arithmetic only")
         lines.append(f"  {'pair':<26} {'tokens':>6} {'max|dlogp|':>10} {'mean|dlogp|':>11} {'identical':>9} "
                      f"{'max|dp|':>9} {'first>thr':>9}  worst (seq:pos token)")
         for s in block["pairs"]:

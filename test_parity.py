@@ -80,6 +80,12 @@ def test_bf16_reported_within_a_loose_bound(local):
     for e in ("model", "sampler", "transformers"):
         s = pair(local, "bfloat16", e, "float64")
         assert 1e-4 < s["max_abs"] <= BF16_LOOSE, (e, s["max_abs"])  # bf16 really ran, and is sane
+    # bf16 engines are compared with float64 on the bf16-rounded weights (fp32 checkpoint); the
+    # rounding alone is reported. fp32 rounds nothing, so its truth is the plain one.
+    assert local["dtypes"]["float32"]["weight_rounding"] is None
+    rounding = local["dtypes"]["bfloat16"]["weight_rounding"]
+    assert rounding["tokens"] == B * (T - 1) and rounding["max_abs"] > 1e-4
+    assert local["dtypes"]["bfloat16"]["logprobs"]["float64"] != local["dtypes"]["float32"]["logprobs"]["float64"]
 
 
 def test_float64_truth_carries_more_than_fp32_precision(local):
@@ -139,7 +145,7 @@ def test_vllm_fp32_matches_this_model(vllm, local, seqs):
 
 
 def test_vllm_bf16_reported_within_a_loose_bound(vllm, local, seqs):
-    truth = local["dtypes"]["float32"]["logprobs"]["float64"]
+    truth = local["dtypes"]["bfloat16"]["logprobs"]["float64"]  # on the bf16-rounded weights
     s = P.compare(vllm["bfloat16"], truth, seqs, 0.1)
     assert 1e-4 < s["max_abs"] <= BF16_LOOSE, s["max_abs"]
     s = P.compare(vllm["bfloat16"], local["dtypes"]["bfloat16"]["logprobs"]["model"], seqs, 0.1)
