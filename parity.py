@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -99,7 +100,8 @@ RANDOM_CONFIG = dict(vocab_size=512, hidden_size=64, intermediate_size=64, num_h
 
 def make_random_checkpoint(path: str, seed: int = 0, **overrides) -> M.ModelConfig:
     """Write a random fp32 checkpoint: sinks +-5..20 (a sink near 0 would hide a dropped sink),
-    random biases, norms 1 + 0.1 N(0, 1), matrices 0.1 N(0, 1)."""
+    biases 0.1 N(0, 1), norms 1 + 0.1 N(0, 1), matrices N(0, 1) * 0.8 / sqrt(fan_in) (0.1 at
+    hidden size 64; the scale keeps activations O(1) at any width, so fp32 noise stays small)."""
     cfg = M.ModelConfig(**{**RANDOM_CONFIG, **overrides})
     net = M.Transformer(cfg)
     gen = torch.Generator().manual_seed(seed)
@@ -110,8 +112,10 @@ def make_random_checkpoint(path: str, seed: int = 0, **overrides) -> M.ModelConf
                 p.copy_((5 + 15 * torch.rand(p.shape, generator=gen)) * r.sign())
             elif "norm" in name:
                 p.copy_(1 + 0.1 * r)
-            else:
+            elif p.dim() == 1 or name.endswith("_bias"):
                 p.copy_(0.1 * r)
+            else:  # Linear (out, in) and experts (E, in, out): the input dimension is shape[1]
+                p.copy_(0.8 / math.sqrt(p.shape[1]) * r)
     net.save_pretrained(path)
     return cfg
 
@@ -498,7 +502,10 @@ def run(checkpoint: str, seqs, dtypes=("float32",), engines=ALL_ENGINES, tols=()
     if "float64" in engines:
         truth = timed("float64", lambda: engine_float64(checkpoint, seqs))
         for d in dtypes:  # the truth on the weights each dtype's engines see (None: the same weights)
-            rounded_truth[d] = timed(f"float64 on {d} weights", lambda: engine_float64(checkpoint, seqs, DTYPES[d]))
+            rounded_truth[d] = timed(f"float64 on the weights rounded to {d}",
+                                     lambda: engine_float64(checkpoint, seqs, DTYPES[d]))
+            if rounded_truth[d] is None:
+                log(f"  (rounding to {d} changes no weight: the float64 truth serves {d} as is)")
     for d in dtypes:
         dt = DTYPES[d]
         if "model" in engines:
