@@ -41,8 +41,9 @@ bounds, grows along the sequence; a bug like dropped sinks is there from positio
 worst tokens.
 
 Tolerances (--tol, repeatable) make the exit status non-zero (1) when a pair's max |delta
-logprob| exceeds them: 'A:B=VALUE' or 'DTYPE/A:B=VALUE', A and B engine names or '*'. An engine
-that fails to run exits with status 3.
+logprob| exceeds them: 'A:B=VALUE' or 'DTYPE/A:B=VALUE', A and B engine names or '*'. Exit
+status: 0 all within tolerance, 1 a tolerance exceeded, 2 bad arguments or input, 3 an engine
+failed to run (the message says why; for vLLM, with the tail of its log).
 
 --plant-bug breaks the `model` engine on purpose (for testing this tool): `nosink` runs
 model.py's "nosink" attention backend, which drops the sinks (the FlashAttention-2 bug of the
@@ -483,6 +484,8 @@ def run(checkpoint: str, seqs, dtypes=("float32",), engines=ALL_ENGINES, tols=()
     for d in dtypes:
         if d not in DTYPES:
             raise ValueError(f"unknown dtype {d!r}; choose from {tuple(DTYPES)} (float64 is the 'float64' engine)")
+    if "vllm" in engines and not os.path.exists(vllm_python or default_vllm_python()):
+        engine_vllm(checkpoint, list(dtypes), seqs, vllm_python)  # raises the clear error before any work
     logprobs = {d: {} for d in dtypes}
     timings = {}
 
@@ -654,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--vllm-python", default=None,
                     help=f"the vLLM venv's python (default ${VLLM_PYTHON_ENV} or .venv-vllm/bin/python; `make vllm-venv`)")
     ap.add_argument("--vllm-kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE, whole GiB (default 1)")
-    ap.add_argument("--vllm-timeout", type=float, default=1200.0, help="seconds before the vLLM subprocess is killed")
+    ap.add_argument("--vllm-timeout", type=float, default=1200.0, help="seconds before the vLLM subprocess is killed (default 1200)")
     ap.add_argument("--attention-backend", choices=getattr(M, "BACKENDS", ("flash", "naive", "fa4", "nosink")),
                     default=None, help="attention backend of the model and sampler engines (default: model.py's "
                     "choice: fa4 on a GPU that has it, else flash); the float64 truth always uses naive")
