@@ -174,8 +174,13 @@ def preset(name: str, **overrides) -> ModelConfig:
 # RMSNorm and RoPE
 
 
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32, fp64 for fp64 (the float64 ground truth stays float64 throughout)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * w, computed in fp32 (no "1 + w")."""
+    """x * rsqrt(mean(x^2) + eps) * w, computed in at least fp32 (no "1 + w")."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -183,9 +188,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
+        x32 = x.to(_at_least_fp32(x.dtype))
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.to(x32.dtype)).to(x.dtype)
 
 
 def yarn_bounds(cfg: ModelConfig, truncate: bool | None = None) -> tuple[float, float]:
@@ -792,7 +797,7 @@ class Transformer(nn.Module):
             layer.self_attn.backend = backend
 
     def forward(self, input_ids, positions=None, cache=None):
-        """input_ids (B, T) -> fp32 logits (B, T, V).
+        """input_ids (B, T) -> logits (B, T, V) in fp32 (fp64 for a float64 model).
 
         positions (B, T): absolute position of each token (default 0..T-1 in every row).
         cache: the sampler's KV cache; its update(layer_idx, k, v, positions) stores the new keys
@@ -806,7 +811,8 @@ class Transformer(nn.Module):
         cos, sin = self.rope(rope_pos, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, positions, cache)
-        return self.lm_head(self.norm(x)).float()
+        logits = self.lm_head(self.norm(x))
+        return logits.to(_at_least_fp32(logits.dtype))
 
     # ------------------------------------------------------------------------------------------
     # HF-format checkpoints
@@ -961,8 +967,8 @@ class _CheckpointReader:
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[tokens] in fp32. logits (B, T, V), tokens (B, T) -> (B, T)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    """log softmax(logits)[tokens] in at least fp32. logits (B, T, V), tokens (B, T) -> (B, T)."""
+    logp = torch.log_softmax(logits.to(_at_least_fp32(logits.dtype)), dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 

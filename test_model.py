@@ -285,3 +285,15 @@ def test_flash_path_matches_naive_path_and_nosink_does_not(hf_checkpoint):
     assert (nosink - naive).abs().max().item() > 1e-2  # dropping large sinks is a real error
     with pytest.raises(ValueError, match="unknown attention backend"):
         ours.set_attention_backend("fast")
+
+
+def test_float64_model_stays_float64(hf_checkpoint):
+    """The ground truth: RMSNorm and the logits are not rounded through fp32 in a float64 model."""
+    _, path = hf_checkpoint
+    m64 = M.Transformer.from_pretrained(path, dtype=torch.float64)
+    m32 = M.Transformer.from_pretrained(path)
+    x = inputs(T=9)
+    with torch.no_grad():
+        l64, l32 = m64(x), m32(x)
+    assert l64.dtype == torch.float64 and l32.dtype == torch.float32
+    assert (logsoftmax(l32).double() - torch.log_softmax(l64, -1)).abs().max() < 1e-5
