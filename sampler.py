@@ -32,6 +32,11 @@ Design choices:
   p % W, so it always holds the last W positions. One position tensor per kind (every layer of
   a kind stores the same positions); -1 marks an empty slot, which `attention`'s mask never
   shows. Rows have their own lengths: nothing assumes rows sit at the same position.
+- Capacity: session(prompts, max_len) preallocates max_len slots per row (prompt + generated +
+  appended tokens). generate() raises ValueError before doing any work when a ready row's tokens
+  + max_new_tokens would exceed it, append() when the appended tokens would; Sampler.generate
+  sizes it exactly (longest prompt + max_new_tokens). Memory per row: full layers x max_len x
+  2 x Hkv x D plus sliding layers x W x 2 x Hkv x D elements in the sampler's dtype.
 - Chunks (prefill, and appended environment tokens) run as one forward: rows right-padded,
   pads at position -1 (they see nothing, are seen by nothing, and are never written). A ring
   layer returns cat(ring contents before the chunk, the chunk) with their positions, so a chunk
@@ -44,7 +49,8 @@ Design choices:
   (a `nonzero` on the sampled tokens); no stop tokens, no sync from the sampler.
 - Sampling is vectorised over rows: one sort for top-k/top-p (topk alone when only top-k), and
   the exponential race argmax(logp - log E), E ~ Exp(1) drawn from the call's torch.Generator
-  (the Gumbel-max trick: exact, no normalisation, no sync). Same seed and same batch: same tokens.
+  (the Gumbel-max trick: exact, no normalisation, no sync). Same seed, same prompts: same tokens
+  (a row's draws depend on which rows are active, so not on the seed alone).
 - Forward: the sampler runs the model's own modules (embedding, the Blocks with their
   `attention`, final norm, lm_head) as Transformer.forward does, but projects to the
   vocabulary only at the one position per row it samples from: a B x T prefill would otherwise
@@ -490,7 +496,10 @@ class Session:
 # ----------------------------------------------------------------------------------------------
 # Command line: render a one-message harmony conversation, sample, print the reply.
 
-HARMONY_STOPS = ("<|return|>", "<|call|>", "<|end|>")
+# The assistant's turn ends at <|return|> (final answer) or <|call|> (tool call). <|end|> also
+# closes a message (e.g. gpt-oss's analysis message, after which the final one follows), so it
+# is a stop token only when asked for (--stop-tokens "<|return|>" "<|call|>" "<|end|>").
+HARMONY_STOPS = ("<|return|>", "<|call|>")
 
 
 def main(argv=None):
@@ -506,6 +515,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--stop-tokens", nargs="+", default=list(HARMONY_STOPS),
+                    help="special tokens that end the reply (default: <|return|> <|call|>)")
     args = ap.parse_args(argv)
 
     from tokenizers import Tokenizer
@@ -520,7 +531,9 @@ def main(argv=None):
     # Harmony, one user message, then the assistant's turn header (the model writes the rest).
     text = f"<|start|>user<|message|>{args.prompt}<|end|><|start|>assistant"
     prompt = tokenizer.encode(text, add_special_tokens=False).ids
-    stops = [i for i in (tokenizer.token_to_id(s) for s in HARMONY_STOPS) if i is not None]
+    stops = [tokenizer.token_to_id(s) for s in args.stop_tokens]
+    if None in stops:
+        raise SystemExit(f"tokenizer.json has no token {args.stop_tokens[stops.index(None)]!r}")
     out = Sampler(net).generate([prompt], args.max_new_tokens, args.temperature, args.top_p,
                                 args.top_k, stops, seed=args.seed)[0]
     print(tokenizer.decode(out.tokens, skip_special_tokens=False))
