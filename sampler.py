@@ -26,7 +26,7 @@ Design choices:
   (temperature 0) draws from a point mass, so its `.logprobs` are 0.0. `.raw_logprobs` is the
   log-softmax of the raw logits (temperature 1, no filter: vLLM's default "raw_logprobs" and what
   the trainer computes with model.token_logprobs). At temperature 1 without top-k/top-p the two
-  are the same numbers. Both in fp32 (the model returns fp32 logits).
+  are the same numbers. Both in fp32 (fp64 for a float64 model), as the model's logits.
 - Cache (KVCache). Full-attention layers: K/V (rows, max_len, Hkv, D) preallocated, slot index =
   absolute position. Sliding-window layers: a ring buffer (rows, W, Hkv, D), position p in slot
   p % W, so it always holds the last W positions. One position tensor per kind (every layer of
@@ -51,10 +51,9 @@ Design choices:
   the exponential race argmax(logp - log E), E ~ Exp(1) drawn from the call's torch.Generator
   (the Gumbel-max trick: exact, no normalisation, no sync). Same seed, same prompts: same tokens
   (a row's draws depend on which rows are active, so not on the seed alone).
-- Forward: the sampler runs the model's own modules (embedding, the Blocks with their
-  `attention`, final norm, lm_head) as Transformer.forward does, but projects to the
-  vocabulary only at the one position per row it samples from: a B x T prefill would otherwise
-  materialise B x T x V fp32 logits (V = 201088 for gpt-oss).
+- Forward: Transformer.hidden (the trainer's embedding, Blocks, `attention` and final norm, with
+  the cache hook) then Transformer.logits on the one position per row it samples from: a B x T
+  prefill would otherwise materialise B x T x V fp32 logits (V = 201088 for gpt-oss).
 - Weights and dtype: with the model's dtype and device the sampler shares the module (nothing to
   refresh). With another dtype/device (a bf16 sampler beside an fp32 trainer) it holds its own
   copy; update_weights(model or state_dict) copy_s into it in place, no reallocation.
@@ -409,15 +408,12 @@ class Session:
             self.slot_of_row[self.row_of_slot[b]] = b
 
     def _forward(self, ids, positions, last=None):
-        """The model's modules on cache rows [0, n): fp32 logits (n, V) at column `last` per row
-        (default the only column). Same steps as Transformer.forward, one vocabulary projection."""
-        m = self.model
-        x = m.embed_tokens(ids)  # (n, T, H)
-        cos, sin = m.rope(positions.clamp(min=0), x.dtype)  # pads (-1) get position 0's rotation
-        for layer in m.layers:
-            x = layer(x, cos, sin, positions, self.cache)
-        x = x[:, 0] if last is None else x[torch.arange(x.shape[0], device=x.device), last]  # (n, H)
-        return m.lm_head(m.norm(x)).float()
+        """The model on cache rows [0, n): logits (n, V) (fp32; fp64 for a float64 model) at column
+        `last` per row (default the only column). The vocabulary projection runs on those
+        positions alone: a B x T prefill would otherwise make B x T x V logits (V = 201088)."""
+        h = self.model.hidden(ids, positions, self.cache)  # (n, T, H), final-normed
+        h = h[:, 0] if last is None else h[torch.arange(h.shape[0], device=h.device), last]  # (n, H)
+        return self.model.logits(h)
 
     @torch.no_grad()
     def generate(self, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0,
@@ -452,7 +448,8 @@ class Session:
         view0 = max(fed0.values())  # the longest row's length when the decode steps start
 
         # Decode: one token per active row per step; finished rows leave the batch.
-        buf = torch.empty(3, max_new_tokens, len(self), dtype=torch.float32, device=self.device)  # tokens, logp, raw per row
+        # tokens, logp, raw per session row and step (token ids < 2^24 are exact in fp32)
+        buf = torch.empty(3, max_new_tokens, len(self), dtype=logits.dtype, device=self.device)
         ended = {}  # row -> tokens generated this turn
         for t in range(max_new_tokens):
             if t > 0:
