@@ -809,15 +809,22 @@ def _memory_answer(target: int, rng: random.Random) -> str:
 
 
 class CalculatorEnv(Env):
-    """Answer "What is a*b+c?" with 2-3 digit numbers (results up to ~10^6). Tools: calculator.
-    Reward calculator_reward: 1 for the exact number in the final answer. Success: reward 1."""
+    """Answer "What is a*b+c?" (or a+b*c) with a, b, c in 317..999, so every result has six
+    digits. Tools: calculator. Reward calculator_reward: 1 for the exact number in the final
+    answer. Success: reward 1.
+
+    Every question has the same length (11 characters) and every result 6 digits, so the copies
+    the task needs (question -> tool call, tool reply -> answer) sit at fixed distances: a toy
+    model learns such positional copies in hundreds of steps, where copying at varying distances
+    (induction over repeated digits) takes thousands. The tool stays indispensable: no small
+    model multiplies 3-digit numbers in its head."""
     name = "calculator"
     tools = (CALCULATOR,)
     instructions = "Use the calculator tool for arithmetic. Answer with the number only."
-    TEMPLATES = ("{a}*{b}", "{a}*{b}+{c}", "{a}+{b}*{c}", "({a}+{b})*{c}", "{a}*{b}-{c}")
+    TEMPLATES = ("{a}*{b}+{c}", "{a}+{b}*{c}")
 
     def _new_task(self, rng):
-        a, b, c = (rng.randrange(10, 1000) if rng.random() < 0.5 else rng.randrange(10, 100) for _ in range(3))
+        a, b, c = (rng.randrange(317, 1000) for _ in range(3))  # 317^2 > 10^5: six-digit results
         self.expr = rng.choice(self.TEMPLATES).format(a=a, b=b, c=c)
         self.answer = int(calculate(self.expr))
         return f"{CALC_QUESTION}{self.expr}?"

@@ -796,23 +796,33 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.self_attn.backend = backend
 
-    def forward(self, input_ids, positions=None, cache=None):
-        """input_ids (B, T) -> logits (B, T, V) in fp32 (fp64 for a float64 model).
+    def hidden(self, input_ids, positions=None, cache=None):
+        """input_ids (B, T) -> the final-normed hidden states (B, T, H), before the unembedding.
 
-        positions (B, T): absolute position of each token (default 0..T-1 in every row).
+        positions (B, T): absolute position of each token (default 0..T-1 in every row; -1 marks a
+        padding slot that sees nothing and is seen by nothing).
         cache: the sampler's KV cache; its update(layer_idx, k, v, positions) stores the new keys
         and returns (k, v, k_pos) for every key the rows can attend to (k_pos < 0: empty slot).
+        Callers that need only some positions' logits apply lm_head to those alone.
         """
         B, T = input_ids.shape
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
         x = self.embed_tokens(input_ids)  # (B, T, H)
-        rope_pos = positions if positions is not None else torch.arange(T, device=x.device).expand(B, T)
+        rope_pos = positions.clamp(min=0) if positions is not None else torch.arange(T, device=x.device).expand(B, T)
         cos, sin = self.rope(rope_pos, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, positions, cache)
-        logits = self.lm_head(self.norm(x))
+        return self.norm(x)
+
+    def logits(self, h):
+        """Hidden states (..., H) -> logits (..., V) in fp32 (fp64 for a float64 model)."""
+        logits = self.lm_head(h)
         return logits.to(_at_least_fp32(logits.dtype))
+
+    def forward(self, input_ids, positions=None, cache=None):
+        """input_ids (B, T) -> logits (B, T, V) in fp32 (fp64 for a float64 model); see hidden()."""
+        return self.logits(self.hidden(input_ids, positions, cache))
 
     # ------------------------------------------------------------------------------------------
     # HF-format checkpoints

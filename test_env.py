@@ -159,6 +159,14 @@ def test_toy_tokenizer_is_deterministic_small_and_round_trips(tok, tmp_path):
         assert loaded.decode(ids, skip_special_tokens=False) == text
 
 
+def test_calculator_questions_have_one_shape():
+    """Fixed-length questions and six-digit results: the copies sit at fixed distances."""
+    e = env.make_env("calculator")
+    for seed in range(200):
+        e.reset(seed)
+        assert len(e.expr) == 11 and 100000 <= e.answer <= 999999, (e.expr, e.answer)
+
+
 def test_recurring_pieces_are_single_tokens(harmony):
     for piece in env.toy_pieces():
         assert len(harmony.encode(piece)) == 1, piece

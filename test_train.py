@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import env as E
 import model as M
 import train
 
@@ -33,7 +34,7 @@ def test_run_writes_metrics_and_a_checkpoint_that_loads(tmp_path):
     assert ckpt.endswith("step-000002")
     loaded = M.Transformer.from_pretrained(ckpt)
     assert os.path.exists(os.path.join(ckpt, "tokenizer.json"))
-    assert loaded.config.vocab_size == 341 and loaded.config.num_hidden_layers == 4
+    assert loaded.config.vocab_size == E.toy_tokenizer().get_vocab_size() and loaded.config.num_hidden_layers == 4
 
 
 def test_same_seed_same_metrics_and_resume_equals_uninterrupted(tmp_path):

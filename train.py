@@ -132,6 +132,14 @@ class Episodes:
     trajectories: list  # sampler.Trajectory per episode, for transcripts
 
 
+def pad(rows: list[list[int]], dtype=torch.long) -> torch.Tensor:
+    """Right-pad lists to one (N, T) tensor with zeros."""
+    out = torch.zeros(len(rows), max(map(len, rows)), dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=dtype)
+    return out
+
+
 def play(sampler: S.Sampler, envs: list, seeds: list[int], *, temperature: float, max_new_tokens: int,
          sample_seed: int) -> Episodes:
     """Run len(envs) episodes to the end, all at once: each assistant turn is one batched
@@ -159,26 +167,22 @@ def play(sampler: S.Sampler, envs: list, seeds: list[int], *, temperature: float
             break
         session.append(replies)
     trajs = session.trajectories()
-    T = max(len(t.tokens) for t in trajs)
-    tokens = torch.zeros(len(trajs), T, dtype=torch.long)
-    mask = torch.zeros(len(trajs), T, dtype=torch.bool)
-    logp = torch.zeros(len(trajs), T)
-    for i, t in enumerate(trajs):
-        n = len(t.tokens)
-        tokens[i, :n], mask[i, :n], logp[i, :n] = torch.tensor(t.tokens), torch.tensor(t.mask, dtype=torch.bool), \
-            torch.tensor(t.logprobs)
-    return Episodes(tokens, mask, logp, torch.tensor(rewards), torch.tensor(success), torch.tensor(turns),
-                    names, trajs)
+    return Episodes(pad([t.tokens for t in trajs]), pad([t.mask for t in trajs], torch.bool),
+                    pad([t.logprobs for t in trajs], torch.float32), torch.tensor(rewards), torch.tensor(success),
+                    torch.tensor(turns), names, trajs)
 
 
-def token_logprobs(model: M.Transformer, tokens: torch.Tensor):
+def token_logprobs(model: M.Transformer, tokens: torch.Tensor, mask: torch.Tensor):
     """The trainer's log-probs of tokens[:, 1:] and the entropy of each predicting distribution,
-    both (N, T-1) fp32."""
-    logits = model(tokens)[:, :-1]  # (N, T-1, V): position t predicts token t+1
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    both (N, T-1) fp32, where mask[:, 1:] is set (0 elsewhere). The unembedding runs only on
+    those positions: with a loss on a third of the tokens that is a third of its cost."""
+    h = model.hidden(tokens)[:, :-1]  # (N, T-1, H): position t predicts token t+1
+    where = mask[:, 1:]
+    logp_all = torch.log_softmax(model.logits(h[where]), dim=-1)  # (M, V) for the M masked positions
+    logp = logp_all.gather(-1, tokens[:, 1:][where][:, None]).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    zeros = torch.zeros(where.shape, dtype=logp.dtype)
+    return zeros.masked_scatter(where, logp), zeros.masked_scatter(where, entropy)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,36 +193,40 @@ def make_envs(name: str, n: int, harmony: E.Harmony) -> list:
     return [E.make_env(name, tokenizer=harmony) for _ in range(n)]
 
 
-def sft_batch(envs: list, seeds: list[int], skip_tool: float, mistake: float):
-    """Expert demonstrations as (tokens, mask) tensors; the loss covers the expert's tokens only."""
+def demonstrations(envs: list, seeds: list[int], skip_tool: float, mistake: float, buckets: int):
+    """Expert episodes as (tokens, mask) pairs, sorted by length into `buckets` groups so little
+    compute goes to padding (episodes range from ~40 to ~120 tokens)."""
     eps = [env.expert_episode(s, p_skip_tool=skip_tool, p_mistake=mistake) for env, s in zip(envs, seeds)]
-    T = max(len(e.token_ids) for e in eps)
-    tokens = torch.zeros(len(eps), T, dtype=torch.long)
-    mask = torch.zeros(len(eps), T, dtype=torch.bool)
-    for i, e in enumerate(eps):
-        tokens[i, :len(e.token_ids)] = torch.tensor(e.token_ids)
-        mask[i, :len(e.loss_mask)] = torch.tensor(e.loss_mask, dtype=torch.bool)
-    return tokens, mask
+    eps.sort(key=lambda e: len(e.token_ids))
+    size = -(-len(eps) // buckets)
+    return [(pad([e.token_ids for e in part]), pad([e.loss_mask for e in part], torch.bool))
+            for part in (eps[i:i + size] for i in range(0, len(eps), size))]
 
 
 def warm_start(model, args, harmony, log):
+    """Supervised steps on demonstrations: cross-entropy on the expert's tokens only, averaged
+    over all of them (bucket by bucket, gradients accumulated); warmup then cosine decay."""
     envs = make_envs(args.env, args.sft_batch, harmony)
     opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, betas=(0.9, 0.99), weight_decay=0.0)
     bar = tqdm(range(1, args.sft_steps + 1), desc="warm start", dynamic_ncols=True)
     for step in bar:
-        lr = args.sft_lr * min(1.0, step / 10) * 0.5 * (1 + math.cos(math.pi * step / args.sft_steps))
+        lr = args.sft_lr * min(1.0, step / 20) * 0.5 * (1 + math.cos(math.pi * step / args.sft_steps))
         for group in opt.param_groups:
             group["lr"] = lr
         seeds = [(args.seed * 7919 + step) * args.sft_batch + i for i in range(args.sft_batch)]
-        tokens, mask = sft_batch(envs, seeds, args.demo_skip_tool, args.demo_mistake)
-        logp, _ = token_logprobs(model, tokens)
-        loss = -logp[mask[:, 1:]].mean()
+        batches = demonstrations(envs, seeds, args.demo_skip_tool, args.demo_mistake, buckets=4)
+        n_tokens = sum(int(mask[:, 1:].sum()) for _, mask in batches)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for tokens, mask in batches:
+            logp, _ = token_logprobs(model, tokens, mask)
+            part = -logp.sum() / n_tokens
+            part.backward()
+            loss += part.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
-        log({"phase": "sft", "step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr})
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        log({"phase": "sft", "step": step, "loss": loss, "grad_norm": grad_norm.item(), "lr": lr})
+        bar.set_postfix(loss=f"{loss:.3f}")
 
 
 def env_names(args) -> list[str]:
@@ -259,17 +267,17 @@ def rl_step(model, sampler, opt, envs, args, step: int, ref_model=None) -> dict:
     old_logp = None  # exactly on-policy: the loss uses logp.detach()
     if args.ppo_epochs > 1 or args.minibatches > 1:
         with torch.no_grad():
-            old_logp = token_logprobs(model, tokens)[0]
+            old_logp = token_logprobs(model, tokens, eps.mask)[0]
     ref_logp = None
     if ref_model is not None:
         with torch.no_grad():
-            ref_logp = token_logprobs(ref_model, tokens)[0]
+            ref_logp = token_logprobs(ref_model, tokens, eps.mask)[0]
 
     metrics, skipped = {}, 0
     rows = torch.arange(tokens.shape[0])
     for _ in range(args.ppo_epochs):
         for mb in rows.chunk(args.minibatches):
-            logp, entropy = token_logprobs(model, tokens[mb])
+            logp, entropy = token_logprobs(model, tokens[mb], eps.mask[mb])
             loss, m = ppo.policy_loss(logp, None if old_logp is None else old_logp[mb], advantages[mb], mask[mb],
                                       cfg, rollout_logp=rollout_logp[mb],
                                       ref_logp=None if ref_logp is None else ref_logp[mb], entropy=entropy)
@@ -385,6 +393,11 @@ def build_model(args, harmony) -> M.Transformer:
     torch.manual_seed(args.seed)
     model = M.Transformer(cfg)
     model.init_weights(seed=args.seed)
+    with torch.no_grad():
+        # The unembedding starts equal to the embedding (they stay untied, as in GPT-OSS). Every
+        # task copies tokens from the context; with aligned ends, copying is one attention head
+        # away instead of a per-token alignment that takes thousands of steps for 1441 tokens.
+        model.lm_head.weight.copy_(model.embed_tokens.weight)
     return model
 
 
