@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -68,10 +69,12 @@ def parse_args(argv=None):
     g.add_argument("--sft-steps", type=int, default=150, help="supervised steps (0: none)")
     g.add_argument("--sft-batch", type=int, default=32, help="demonstrations per supervised step")
     g.add_argument("--sft-lr", type=float, default=3e-3, help="supervised learning rate")
-    g.add_argument("--demo-skip-tool", type=float, default=0.3,
+    g.add_argument("--demo-skip-tool", type=float, default=0.2,
                    help="probability that a demonstration answers from memory instead of calling the tool")
-    g.add_argument("--demo-mistake", type=float, default=0.3,
+    g.add_argument("--demo-mistake", type=float, default=0.2,
                    help="probability of a wrong step in a demonstration (typo, wrong name, non-bisecting guess)")
+    g.add_argument("--sft-mix", default="calculator=1,lookup=2,guess=1",
+                   help="with --env mix: relative share of each environment in the demonstrations")
     g = p.add_argument_group("reinforcement learning")
     g.add_argument("--steps", type=int, default=60, help="RL steps (one rollout batch and update each)")
     g.add_argument("--prompts", type=int, default=12, help="distinct episodes (prompts) per step")
@@ -88,6 +91,9 @@ def parse_args(argv=None):
     g.add_argument("--minibatches", type=int, default=1, help="mini-batches per pass (1: exactly on-policy)")
     g.add_argument("--rollout-correction", default="off", choices=sorted(ppo.CORRECTION_PRESETS),
                    help="importance weighting / rejection between sampler and trainer probabilities")
+    g.add_argument("--no-curriculum", dest="curriculum", action="store_false",
+                   help="with --env mix: draw environments uniformly instead of favouring those the last "
+                        "evaluation found weakest (weight 0.1 + 1 - greedy success)")
     g.add_argument("--kl-coef", type=float, default=0.0, help="KL penalty to the warm-start policy (0: off)")
     g.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus")
     g = p.add_argument_group("sampling")
@@ -112,6 +118,13 @@ def parse_args(argv=None):
     if (args.prompts * args.group_size) % args.minibatches:
         p.error("--minibatches must divide prompts * group-size")
     args.name = args.name or f"{args.env}-s{args.seed}"
+    try:
+        args.sft_mix = {k: float(v) for k, v in (kv.split("=") for kv in args.sft_mix.split(","))}
+    except ValueError:
+        p.error(f"--sft-mix must look like calculator=1,lookup=2,guess=1; got {args.sft_mix!r}")
+    unknown = set(args.sft_mix) - set(E.ENVS)
+    if unknown or any(w < 0 for w in args.sft_mix.values()) or not any(args.sft_mix.values()):
+        p.error(f"--sft-mix: environments must be among {list(E.ENVS)} with weights >= 0, not all 0")
     return args
 
 
@@ -189,8 +202,44 @@ def token_logprobs(model: M.Transformer, tokens: torch.Tensor, mask: torch.Tenso
 # Warm start, evaluation
 
 
-def make_envs(name: str, n: int, harmony: E.Harmony) -> list:
-    return [E.make_env(name, tokenizer=harmony) for _ in range(n)]
+class EnvPool:
+    """Environment instances to play many episodes at once: one instance per concurrent episode
+    (an environment holds one episode's state), created on first use and reused."""
+
+    def __init__(self, harmony: E.Harmony):
+        self.harmony, self.free = harmony, {}
+
+    def take(self, names: list[str]) -> list:
+        used: dict = {}
+        out = []
+        for name in names:
+            pool = self.free.setdefault(name, [])
+            k = used[name] = used.get(name, -1) + 1
+            if k == len(pool):
+                pool.append(E.make_env(name, tokenizer=self.harmony))
+            out.append(pool[k])
+        return out
+
+
+def env_names(args) -> list[str]:
+    return list(E.ENVS) if args.env == "mix" else [args.env]
+
+
+def choose_envs(args, weights: dict, n: int, salt: str) -> list[str]:
+    """n environment names drawn with these weights, reproducibly from (seed, salt)."""
+    names = env_names(args)
+    if len(names) == 1:
+        return names * n
+    rng = random.Random(f"{args.seed}:{salt}")
+    return rng.choices(names, weights=[weights.get(e, 0.0) for e in names], k=n)
+
+
+def curriculum(args, last_eval: dict) -> dict:
+    """RL's mixture: weight 0.1 + (1 - greedy success) per environment, from the last evaluation,
+    so the environments furthest from solved get most of the rollouts (uniform when off)."""
+    if not args.curriculum:
+        return {e: 1.0 for e in env_names(args)}
+    return {e: 0.1 + 1.0 - last_eval.get(f"eval/{e}/success", 0.0) for e in env_names(args)}
 
 
 def demonstrations(envs: list, seeds: list[int], skip_tool: float, mistake: float, buckets: int):
@@ -206,7 +255,7 @@ def demonstrations(envs: list, seeds: list[int], skip_tool: float, mistake: floa
 def warm_start(model, args, harmony, log):
     """Supervised steps on demonstrations: cross-entropy on the expert's tokens only, averaged
     over all of them (bucket by bucket, gradients accumulated); warmup then cosine decay."""
-    envs = make_envs(args.env, args.sft_batch, harmony)
+    pool = EnvPool(harmony)
     opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, betas=(0.9, 0.99), weight_decay=0.0)
     bar = tqdm(range(1, args.sft_steps + 1), desc="warm start", dynamic_ncols=True)
     for step in bar:
@@ -214,6 +263,7 @@ def warm_start(model, args, harmony, log):
         for group in opt.param_groups:
             group["lr"] = lr
         seeds = [(args.seed * 7919 + step) * args.sft_batch + i for i in range(args.sft_batch)]
+        envs = pool.take(choose_envs(args, args.sft_mix, args.sft_batch, f"sft:{step}"))
         batches = demonstrations(envs, seeds, args.demo_skip_tool, args.demo_mistake, buckets=4)
         n_tokens = sum(int(mask[:, 1:].sum()) for _, mask in batches)
         opt.zero_grad(set_to_none=True)
@@ -229,10 +279,6 @@ def warm_start(model, args, harmony, log):
         bar.set_postfix(loss=f"{loss:.3f}")
 
 
-def env_names(args) -> list[str]:
-    return list(E.ENVS) if args.env == "mix" else [args.env]
-
-
 @torch.no_grad()
 def evaluate(sampler, args, harmony) -> dict:
     """Held-out success and reward per environment, greedy and sampled (temperature 1)."""
@@ -241,7 +287,7 @@ def evaluate(sampler, args, harmony) -> dict:
     for name in env_names(args):
         seeds = [EVAL_SEED_BASE + i for i in range(n)]
         for mode, temp in (("", 0.0), ("_sampled", 1.0)):
-            eps = play(sampler, make_envs(name, n, harmony), seeds, temperature=temp,
+            eps = play(sampler, EnvPool(harmony).take([name] * n), seeds, temperature=temp,
                        max_new_tokens=args.max_new_tokens, sample_seed=args.seed + 17)
             out[f"eval/{name}/success{mode}"] = eps.success.float().mean().item()
             out[f"eval/{name}/reward{mode}"] = eps.rewards.mean().item()
@@ -252,11 +298,12 @@ def evaluate(sampler, args, harmony) -> dict:
 # One RL step
 
 
-def rl_step(model, sampler, opt, envs, args, step: int, ref_model=None) -> dict:
-    n = args.prompts
+def rl_step(model, sampler, opt, pool: EnvPool, args, step: int, mix: dict, ref_model=None) -> dict:
+    n, g = args.prompts, args.group_size
     seeds = [(args.seed * 1_000_003 + step * n + i) % EVAL_SEED_BASE for i in range(n)]
-    seeds = [s for s in seeds for _ in range(args.group_size)]  # group members are consecutive rows
-    eps = play(sampler, envs, seeds, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+    names = choose_envs(args, mix, n, f"rl:{step}")
+    seeds, names = [s for s in seeds for _ in range(g)], [e for e in names for _ in range(g)]  # groups: consecutive rows
+    eps = play(sampler, pool.take(names), seeds, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                sample_seed=args.seed * 7_000_003 + step)
     tokens, mask = eps.tokens, eps.mask[:, 1:]  # mask and log-probs aligned with the predicted tokens
     rollout_logp = eps.rollout_logp[:, 1:]
@@ -424,7 +471,7 @@ def main(argv=None):
     if ckpts:
         state = load_checkpoint(ckpts[-1], model, opt)
         log = Log(run_dir, keep_lines=state["metrics_lines"])
-        start, warm_eval = state["step"] + 1, state["warm_eval"]
+        start, warm_eval, last_eval = state["step"] + 1, state["warm_eval"], state["last_eval"]
         print(f"resumed from {ckpts[-1]} (step {state['step']})")
     else:
         log = Log(run_dir, keep_lines=None)
@@ -434,19 +481,18 @@ def main(argv=None):
         sampler.update_weights(model)
         warm_eval = evaluate(sampler, args, harmony)
         log({"phase": "eval", "step": 0, **warm_eval})
-        start = 1
+        start, last_eval = 1, warm_eval
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-        save_checkpoint(run_dir, model, opt, harmony,
-                        {"step": 0, "metrics_lines": len(log.rows), "warm_eval": warm_eval})
+        save_checkpoint(run_dir, model, opt, harmony, {"step": 0, "metrics_lines": len(log.rows),
+                                                       "warm_eval": warm_eval, "last_eval": last_eval})
     ref_model = None
     if args.kl_coef > 0:  # the reference policy: the warm start (or the checkpoint we began from)
         ref_model = M.Transformer.from_pretrained(list_checkpoints(run_dir)[0]).requires_grad_(False)
 
-    envs = make_envs(args.env, args.prompts * args.group_size, harmony)
-    last_eval, failures = warm_eval, 0
+    pool, failures = EnvPool(harmony), 0
     bar = tqdm(range(start, args.steps + 1), desc="RL", dynamic_ncols=True, initial=start - 1, total=args.steps)
     for step in bar:
-        metrics = rl_step(model, sampler, opt, envs, args, step, ref_model)
+        metrics = rl_step(model, sampler, opt, pool, args, step, curriculum(args, last_eval), ref_model)
         failures = failures + 1 if metrics["skipped_updates"] else 0
         if failures >= 5:
             sys.exit(f"error: non-finite loss or gradients in 5 consecutive steps (last at step {step}); "
@@ -459,8 +505,8 @@ def main(argv=None):
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics['rollout_corr/kl']:.1e}",
                         eval=" ".join(f"{v:.2f}" for k, v in last_eval.items() if k.endswith("/success")))
         if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(run_dir, model, opt, harmony,
-                            {"step": step, "metrics_lines": len(log.rows), "warm_eval": warm_eval})
+            save_checkpoint(run_dir, model, opt, harmony, {"step": step, "metrics_lines": len(log.rows),
+                                                           "warm_eval": warm_eval, "last_eval": last_eval})
     summarize(run_dir, log, warm_eval, last_eval)
 
 
