@@ -15,9 +15,11 @@ Read top to bottom. The numbers come from ../shared/SPEC.md section 1; the desig
   the default is a pure-PyTorch flash attention (FlashAttention-2's algorithm with the sink
   in the online softmax and its own backward, including the sink gradient), or the
   FlashAttention-4 kernel on Hopper GPUs. "nosink" reproduces FlashAttention-2's bug.
-- MoE groups (token, expert) pairs by expert and runs each expert once on its rows: no
-  expert weight is ever gathered per token, and training and inference share the one path
-  (the retrospective's OOM came from a separate inference path that ran every expert).
+- MoE sorts the (token, expert) pairs by expert and runs every expert on its own rows in one
+  grouped matmul (F.grouped_mm, forward and backward): no expert weight is ever gathered per
+  token, and training and inference share the one path (the retrospective's OOM came from a
+  separate inference path that ran every expert). The k outputs of a token are summed in a
+  fixed order (no scatter-add).
 - Checkpoints: HF layout, bf16-form experts ([in, out]) or MXFP4 blocks/scales ([out, in]),
   single file or sharded, loaded tensor by tensor into a model built on the meta device.
 """
@@ -32,6 +34,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -693,6 +696,33 @@ class Attention(nn.Module):
 # Mixture of experts
 
 
+def _grouped_mm_ok(rows, w) -> bool:
+    """Whether F.grouped_mm has a kernel for these operands: fp32/bf16/fp16 (not float64) and
+    16-byte-aligned pointers and row strides (what its CPU and CUDA kernels require)."""
+    if rows.dtype not in (torch.float32, torch.bfloat16, torch.float16) or w.dtype != rows.dtype:
+        return False
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in (rows, w))
+
+
+def grouped_matmul(rows, w, ends):
+    """Each expert's rows times its matrix: rows (S, K) grouped by expert (expert e owns rows
+    ends[e-1]:ends[e]), w (E, K, N) -> (S, N). No weight is gathered per row.
+
+    One F.grouped_mm call for all experts (forward and backward, under autocast too: it is not on
+    autocast's list, so the operands are cast here as a matmul would be). float64 (the ground
+    truth) and misaligned operands, which it has no kernel for, run the same products one expert
+    at a time."""
+    device = rows.device.type
+    if torch.is_autocast_enabled(device) and rows.is_floating_point():
+        dtype = torch.get_autocast_dtype(device)
+        rows, w = rows.to(dtype), w.to(dtype)
+    if _grouped_mm_ok(rows, w):
+        return F.grouped_mm(rows, w, offs=ends.to(torch.int32))
+    starts = [0] + ends[:-1].tolist()
+    return torch.cat([rows[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends.tolist()))])
+
+
 class Experts(nn.Module):
     """E experts, each a clamped SwiGLU MLP. Weights in the HF bf16-form layout [in, out]."""
 
@@ -705,26 +735,35 @@ class Experts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
         self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha
 
-    def mlp(self, e: int, x):
-        """Expert e on its rows x (n, H) -> (n, H)."""
-        h = x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]  # (n, 2I)
+    def activation(self, h):
+        """(n, 2I) -> (n, I): the clamped SwiGLU of GPT-OSS."""
         gate, lin = h[:, 0::2], h[:, 1::2]  # INTERLEAVED: even columns gate, odd columns linear
         gate = gate.clamp(max=self.limit)
         lin = lin.clamp(-self.limit, self.limit)
-        act = gate * torch.sigmoid(self.alpha * gate) * (lin + 1)  # (n, I)
-        return act @ self.down_proj[e] + self.down_proj_bias[e]
+        return gate * torch.sigmoid(self.alpha * gate) * (lin + 1)
+
+    def mlp(self, e: int, x):
+        """Expert e on its rows x (n, H) -> (n, H). The reference that forward() computes for
+        every expert at once."""
+        h = x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]  # (n, 2I)
+        return self.activation(h) @ self.down_proj[e] + self.down_proj_bias[e]
 
     def forward(self, x, expert_idx, weights):
-        """x (N, H); expert_idx, weights (N, k) -> sum_k weights * expert(x), (N, H)."""
+        """x (N, H); expert_idx, weights (N, k) -> sum_k weights * expert(x), (N, H).
+
+        The N*k (token, expert) pairs are sorted by expert, so each expert's rows are contiguous
+        and one grouped matmul runs every expert on its rows; the results go back to (token,
+        slot) order and the k slots are summed in that fixed order."""
         N, k = expert_idx.shape
         flat = expert_idx.reshape(-1)  # (N*k,) the expert of each (token, slot) pair
-        order = torch.argsort(flat, stable=True)  # pairs grouped by expert
-        token = order // k  # (N*k,) the token of each pair, in expert order
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
-        rows = x[token].split(counts)  # one (n_e, H) block per expert: no per-token weights
-        y = torch.cat([self.mlp(e, r) for e, r in enumerate(rows) if r.shape[0] > 0])  # (N*k, H)
-        y = y * weights.reshape(-1)[order, None].to(y.dtype)
-        return x.new_zeros(N, x.shape[1]).index_add(0, token, y)
+        expert, order = torch.sort(flat, stable=True)  # pairs grouped by expert
+        ends = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).cumsum(0)  # (E,)
+        rows = x[order // k]  # (N*k, H): each pair's token, in expert order
+        h = grouped_matmul(rows, self.gate_up_proj, ends) + self.gate_up_proj_bias[expert]  # (N*k, 2I)
+        y = grouped_matmul(self.activation(h), self.down_proj, ends) + self.down_proj_bias[expert]
+        y = y * weights.reshape(-1)[order, None].to(y.dtype)  # (N*k, H)
+        y = torch.empty_like(y).index_copy(0, order, y)  # back to (token, slot) order
+        return y.view(N, k, -1).sum(dim=1).to(x.dtype)
 
 
 class MoE(nn.Module):

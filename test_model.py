@@ -254,6 +254,47 @@ def test_bad_config_json(saved, text, message):
         M.Transformer.from_pretrained(str(path))
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=str)
+def test_experts_grouped_matmul_matches_per_expert_reference(dtype, tol, monkeypatch):
+    """Experts.forward (every expert in one grouped matmul; float64 one expert at a time) against
+    Experts.mlp applied pair by pair, forward and every gradient; some experts get no token."""
+    cfg = M.preset("tiny", num_local_experts=8, num_experts_per_tok=2)
+    experts = M.Experts(cfg).to(dtype)
+    randomize_(experts, seed=5)
+    N = 6  # 12 pairs over 8 experts
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(N, cfg.hidden_size, generator=gen, dtype=dtype, requires_grad=True)
+    top, idx = torch.randn(N, 8, generator=gen).topk(2, dim=-1)
+    weights = top.softmax(-1).to(dtype)
+    calls = []
+    grouped_mm = torch.nn.functional.grouped_mm
+    monkeypatch.setattr(M.F, "grouped_mm", lambda *a, **kw: calls.append(1) or grouped_mm(*a, **kw))
+    got = experts(x, idx, weights)
+    assert len(calls) == (2 if dtype == torch.float32 else 0)  # fp32: one call per projection
+    ref = torch.stack([sum(weights[n, s] * experts.mlp(int(idx[n, s]), x[n:n + 1])[0] for s in range(2))
+                       for n in range(N)])
+    assert len(set(idx.flatten().tolist())) < 8  # an expert without rows is skipped correctly
+    dout = torch.randn(got.shape, generator=gen, dtype=dtype)
+    params = [x] + list(experts.parameters())
+    for a, b in zip([got] + list(torch.autograd.grad(got, params, dout)),
+                    [ref] + list(torch.autograd.grad(ref, params, dout))):
+        assert (a - b).abs().max() <= tol * b.abs().max().clamp(min=1)
+
+
+def test_experts_under_bf16_autocast():
+    """grouped_mm is not on autocast's list: the experts cast to bf16 themselves, as matmul would."""
+    cfg = M.preset("tiny")
+    experts = M.Experts(cfg)
+    randomize_(experts, seed=7)
+    x = torch.randn(5, cfg.hidden_size)
+    top, idx = torch.randn(5, cfg.num_local_experts).topk(2, dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = experts(x, idx, top.softmax(-1))
+    full = experts(x, idx, top.softmax(-1))
+    assert low.dtype == torch.float32
+    assert 0 < (low - full).abs().max() <= 3e-2 * full.abs().max()  # bf16 rounding, not fp32
+
+
 def test_backward_reaches_every_parameter():
     torch.manual_seed(0)
     m = M.Transformer(CFG)
