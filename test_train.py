@@ -56,3 +56,13 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
     assert "--group-size must be >= 2" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no checkpoint"):
         train.main([*TINY, "--out", str(tmp_path), "--name", "none", "--resume"])
+
+
+def test_mismatch_experiments_show_up_in_the_metrics(tmp_path):
+    """The injected mismatches of the experiments are measured: a no-sink trainer beside a
+    sampler with sinks gives a nonzero sampler/trainer KL; a routing flip between two passes
+    breaks the exact ratio of 1 (ppo_kl != 0); the default is exactly on-policy."""
+    nosink = [r for r in run(tmp_path, "nosink", "--steps", "1", "--trainer-attention", "nosink") if r["phase"] == "rl"]
+    assert abs(nosink[0]["rollout_corr/kl"]) > 1e-4 and nosink[0]["rollout_corr/max_abs_prob_diff"] > 1e-5
+    flip = [r for r in run(tmp_path, "flip", "--steps", "1", "--routing-noise", "1.0") if r["phase"] == "rl"]
+    assert flip[0]["ppo_kl"] != 0.0

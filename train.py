@@ -24,6 +24,7 @@ seed), timing.jsonl (wall-clock times, which are not), checkpoints and a PNG of 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -96,6 +97,13 @@ def parse_args(argv=None):
                         "evaluation found weakest (weight 0.1 + 1 - greedy success)")
     g.add_argument("--kl-coef", type=float, default=0.0, help="KL penalty to the warm-start policy (0: off)")
     g.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus")
+    g = p.add_argument_group("experiments: mismatches real stacks have (see README; all off by default)")
+    g.add_argument("--trainer-attention", default="auto", choices=["auto", "flash", "naive", "nosink"],
+                   help="the trainer's attention backend; 'nosink' drops the sinks in the trainer only while "
+                        "the sampler keeps them: the FlashAttention-2 bug of the retrospective (WRONG on purpose)")
+    g.add_argument("--routing-noise", type=float, default=0.0,
+                   help="compute old log-probs in a second forward whose router logits get N(0, this^2) noise: "
+                        "the MoE routing flip between two passes that breaks on-policy exactness (0: off)")
     g = p.add_argument_group("sampling")
     g.add_argument("--sampler-dtype", default="float32", choices=sorted(DTYPES),
                    help="the sampler's copy of the weights (float32 shares the trainer's module)")
@@ -312,8 +320,8 @@ def rl_step(model, sampler, opt, pool: EnvPool, args, step: int, mix: dict, ref_
                         norm_length=tokens.shape[1], kl_coef=args.kl_coef, entropy_coef=args.entropy_coef,
                         correction=args.rollout_correction)
     old_logp = None  # exactly on-policy: the loss uses logp.detach()
-    if args.ppo_epochs > 1 or args.minibatches > 1:
-        with torch.no_grad():
+    if args.ppo_epochs > 1 or args.minibatches > 1 or args.routing_noise > 0:
+        with torch.no_grad(), perturbed_routing(model, args.routing_noise, seed=args.seed * 1_000_033 + step):
             old_logp = token_logprobs(model, tokens, eps.mask)[0]
     ref_logp = None
     if ref_model is not None:
@@ -353,6 +361,28 @@ def rl_step(model, sampler, opt, pool: EnvPool, args, step: int, mix: dict, ref_
         rows_e = torch.tensor([e == name for e in eps.envs])
         metrics[f"train/{name}/success"] = eps.success[rows_e].float().mean().item()
     return metrics
+
+
+class perturbed_routing:
+    """Within this context, every router's logits get Gaussian noise of std `sigma` (0: nothing).
+
+    Models what differs between two forward passes of an MoE in a real stack (batch composition,
+    kernels, precision): near-tied experts swap, so pi_old from a second pass is not the policy
+    that the loss's forward computes, and the PPO ratio is no longer exactly 1."""
+
+    def __init__(self, model: M.Transformer, sigma: float, seed: int):
+        self.routers = [layer.mlp.router for layer in model.layers] if sigma > 0 else []
+        self.sigma, self.gen, self.hooks = sigma, torch.Generator().manual_seed(seed), []
+
+    def _noise(self, module, inputs, logits):
+        return logits + self.sigma * torch.randn(logits.shape, generator=self.gen).to(logits)
+
+    def __enter__(self):
+        self.hooks = [r.register_forward_hook(self._noise) for r in self.routers]
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,12 +496,17 @@ def main(argv=None):
     ckpts = list_checkpoints(run_dir) if args.resume else []
     if args.resume and not ckpts:
         sys.exit(f"error: --resume but no checkpoint in {run_dir}/checkpoints")
-    sampler = S.Sampler(model, dtype=DTYPES[args.sampler_dtype])
+    if args.trainer_attention == "auto":
+        sampler = S.Sampler(model, dtype=DTYPES[args.sampler_dtype])  # shares the module in float32
+    else:  # the sampler keeps its own copy with the correct (automatic) attention
+        sampler = S.Sampler(copy.deepcopy(model).to(DTYPES[args.sampler_dtype]))
+        model.set_attention_backend(args.trainer_attention)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     if ckpts:
         state = load_checkpoint(ckpts[-1], model, opt)
         log = Log(run_dir, keep_lines=state["metrics_lines"])
         start, warm_eval, last_eval = state["step"] + 1, state["warm_eval"], state["last_eval"]
+        sampler.update_weights(model)
         print(f"resumed from {ckpts[-1]} (step {state['step']})")
     else:
         log = Log(run_dir, keep_lines=None)
