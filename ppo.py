@@ -189,6 +189,14 @@ def aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
     return per_seq.sum() / alive.sum().clamp(min=1)  # rows that are not alive contribute 0
 
 
+def aggregate_count(mask: torch.Tensor, mode: str = "token-mean") -> int:
+    """The denominator `aggregate` divides by: selected tokens (token-mean) or sequences with a
+    selected token (the seq-mean modes). A data-parallel trainer scales each rank's loss by
+    local / global count so the average of the ranks' gradients is the whole batch's."""
+    m = _as_mask(mask)
+    return int(m.sum()) if mode == "token-mean" else int(m.any(-1).sum())
+
+
 # ----------------------------------------------------------------------------------------------
 # PPO clipped surrogate
 

@@ -35,7 +35,12 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import env as E
@@ -114,6 +119,11 @@ def parse_args(argv=None):
     g.add_argument("--eval-episodes", type=int, default=48, help="held-out episodes per environment")
     g.add_argument("--save-every", type=int, default=20, help="checkpoint every N RL steps (and at the end)")
     g.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    g = p.add_argument_group("devices and processes (torchrun --nproc_per_node=N train.py ... shards with FSDP2)")
+    g.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu' or 'cuda'")
+    g.add_argument("--rollout-shards", type=int, default=0,
+                   help="play each rollout batch in this many independent shards, as that many ranks would "
+                        "(0: one per process); a single process with N shards reproduces an N-rank run")
     args = p.parse_args(argv)
     for name in ("sft_steps", "steps", "eval_every", "save_every"):
         if getattr(args, name) < 0:
@@ -123,6 +133,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.group_size < 2:
         p.error("--group-size must be >= 2 (advantages compare rollouts of the same prompt)")
+    if args.rollout_shards < 0 or (args.rollout_shards and args.prompts % args.rollout_shards):
+        p.error("--rollout-shards must divide --prompts")
     if (args.prompts * args.group_size) % args.minibatches:
         p.error("--minibatches must divide prompts * group-size")
     args.name = args.name or f"{args.env}-s{args.seed}"
@@ -134,6 +146,71 @@ def parse_args(argv=None):
     if unknown or any(w < 0 for w in args.sft_mix.values()) or not any(args.sft_mix.values()):
         p.error(f"--sft-mix: environments must be among {list(E.ENVS)} with weights >= 0, not all 0")
     return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes: one, or torchrun's ranks with the trainer's model sharded by FSDP2
+
+
+class Dist:
+    """This process's place in the run. With torchrun, FSDP2 (fully_shard) shards the trainer's
+    model across ranks (each block, the unembedding, then the root); gloo on CPU, nccl on CUDA.
+    Each rank plays its own shard of the rollouts with a sampler that holds a FULL copy of the
+    weights, gathered after every update (the cost: one all-gather of the model per step; the
+    alternative at scale is a separate rollout engine such as vLLM that receives the weights).
+    Groups stay on one rank, so group-normalised advantages need no communication; losses are
+    normalised by global counts so the update equals a single process's on the same batch."""
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        cuda = torch.cuda.is_available() and device != "cpu"
+        if self.world > 1:
+            dist.init_process_group("nccl" if cuda else "gloo")
+            self.rank = dist.get_rank()
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+            if cuda:
+                torch.cuda.set_device(self.device)
+        else:
+            self.rank = 0
+            self.device = torch.device("cuda" if cuda and device == "auto" else device if device != "auto" else "cpu")
+        self.main = self.rank == 0
+
+    def shard(self, model: M.Transformer):
+        """FSDP2: each block, the unembedding (Transformer.logits runs outside hidden()), the root."""
+        if self.world == 1:
+            return
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model.lm_head)
+        fully_shard(model)
+        register_fsdp_forward_method(model, "hidden")  # the trainer calls hidden(), not forward()
+
+    @torch.no_grad()
+    def gather_into(self, sharded: M.Transformer, full: M.Transformer):
+        """Copy the sharded model's parameters into a full copy (an all-gather per parameter)."""
+        if sharded is full:
+            return
+        for p, q in zip(sharded.parameters(), full.parameters()):
+            q.copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def broadcast(self, obj):
+        """rank 0's object on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self):
+        if self.world > 1:
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,16 +270,31 @@ def play(sampler: S.Sampler, envs: list, seeds: list[int], *, temperature: float
                     torch.tensor(turns), names, trajs)
 
 
+def concat(parts: list[Episodes]) -> Episodes:
+    """Several batches of episodes as one (padded to the longest)."""
+    if len(parts) == 1:
+        return parts[0]
+    T = max(p.tokens.shape[1] for p in parts)
+
+    def cat(field):
+        return torch.cat([torch.nn.functional.pad(getattr(p, field), (0, T - p.tokens.shape[1])) for p in parts])
+
+    return Episodes(cat("tokens"), cat("mask"), cat("rollout_logp"), torch.cat([p.rewards for p in parts]),
+                    torch.cat([p.success for p in parts]), torch.cat([p.turns for p in parts]),
+                    [e for p in parts for e in p.envs], [t for p in parts for t in p.trajectories])
+
+
 def token_logprobs(model: M.Transformer, tokens: torch.Tensor, mask: torch.Tensor):
     """The trainer's log-probs of tokens[:, 1:] and the entropy of each predicting distribution,
     both (N, T-1) fp32, where mask[:, 1:] is set (0 elsewhere). The unembedding runs only on
     those positions: with a loss on a third of the tokens that is a third of its cost."""
+    device = model.embed_tokens.weight.device
+    tokens, where = tokens.to(device), mask[:, 1:].to(device)
     h = model.hidden(tokens)[:, :-1]  # (N, T-1, H): position t predicts token t+1
-    where = mask[:, 1:]
     logp_all = torch.log_softmax(model.logits(h[where]), dim=-1)  # (M, V) for the M masked positions
     logp = logp_all.gather(-1, tokens[:, 1:][where][:, None]).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
-    zeros = torch.zeros(where.shape, dtype=logp.dtype)
+    zeros = torch.zeros(where.shape, dtype=logp.dtype, device=device)
     return zeros.masked_scatter(where, logp), zeros.masked_scatter(where, entropy)
 
 
@@ -260,27 +352,30 @@ def demonstrations(envs: list, seeds: list[int], skip_tool: float, mistake: floa
             for part in (eps[i:i + size] for i in range(0, len(eps), size))]
 
 
-def warm_start(model, args, harmony, log):
+def warm_start(model, args, harmony, log, d: Dist):
     """Supervised steps on demonstrations: cross-entropy on the expert's tokens only, averaged
-    over all of them (bucket by bucket, gradients accumulated); warmup then cosine decay."""
+    over all of them (bucket by bucket, gradients accumulated); warmup then cosine decay.
+    With several ranks each takes its share of the batch."""
     pool = EnvPool(harmony)
     opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, betas=(0.9, 0.99), weight_decay=0.0)
-    bar = tqdm(range(1, args.sft_steps + 1), desc="warm start", dynamic_ncols=True)
+    bar = tqdm(range(1, args.sft_steps + 1), desc="warm start", dynamic_ncols=True, disable=not d.main)
     for step in bar:
         lr = args.sft_lr * min(1.0, step / 20) * 0.5 * (1 + math.cos(math.pi * step / args.sft_steps))
         for group in opt.param_groups:
             group["lr"] = lr
         seeds = [(args.seed * 7919 + step) * args.sft_batch + i for i in range(args.sft_batch)]
-        envs = pool.take(choose_envs(args, args.sft_mix, args.sft_batch, f"sft:{step}"))
-        batches = demonstrations(envs, seeds, args.demo_skip_tool, args.demo_mistake, buckets=4)
-        n_tokens = sum(int(mask[:, 1:].sum()) for _, mask in batches)
+        names = choose_envs(args, args.sft_mix, args.sft_batch, f"sft:{step}")
+        envs = pool.take(names[d.rank::d.world])
+        batches = demonstrations(envs, seeds[d.rank::d.world], args.demo_skip_tool, args.demo_mistake, buckets=4)
+        n_tokens = d.sum([sum(int(mask[:, 1:].sum()) for _, mask in batches)])[0]
         opt.zero_grad(set_to_none=True)
         loss = 0.0
         for tokens, mask in batches:
             logp, _ = token_logprobs(model, tokens, mask)
             part = -logp.sum() / n_tokens
-            part.backward()
+            (part * d.world).backward()  # FSDP averages the ranks' gradients: this makes it their sum
             loss += part.item()
+        loss = d.sum([loss])[0]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         log({"phase": "sft", "step": step, "loss": loss, "grad_norm": grad_norm.item(), "lr": lr})
@@ -306,16 +401,24 @@ def evaluate(sampler, args, harmony) -> dict:
 # One RL step
 
 
-def rl_step(model, sampler, opt, pool: EnvPool, args, step: int, mix: dict, ref_model=None) -> dict:
+def rl_step(model, sampler, opt, pool: EnvPool, args, step: int, mix: dict, d: Dist, ref_model=None) -> dict:
+    """Rollouts (this rank's shards) -> advantages -> PPO update(s) -> metrics of the whole batch."""
     n, g = args.prompts, args.group_size
     seeds = [(args.seed * 1_000_003 + step * n + i) % EVAL_SEED_BASE for i in range(n)]
     names = choose_envs(args, mix, n, f"rl:{step}")
-    seeds, names = [s for s in seeds for _ in range(g)], [e for e in names for _ in range(g)]  # groups: consecutive rows
-    eps = play(sampler, pool.take(names), seeds, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-               sample_seed=args.seed * 7_000_003 + step)
-    tokens, mask = eps.tokens, eps.mask[:, 1:]  # mask and log-probs aligned with the predicted tokens
-    rollout_logp = eps.rollout_logp[:, 1:]
-    advantages = ppo.compute_advantages(eps.rewards, args.group_size, args.advantage)
+    shards = args.rollout_shards or d.world
+    per = n // shards
+    parts = []
+    for k in (range(shards) if d.world == 1 else [d.rank]):  # each shard: its prompts, its sampling seed
+        mine = slice(k * per, (k + 1) * per)
+        rows_seeds = [s for s in seeds[mine] for _ in range(g)]  # a group's members are consecutive rows
+        rows_envs = pool.take([e for e in names[mine] for _ in range(g)])
+        parts.append(play(sampler, rows_envs, rows_seeds, temperature=args.temperature,
+                          max_new_tokens=args.max_new_tokens, sample_seed=args.seed * 7_000_003 + step * 1009 + k))
+    eps = concat(parts)
+    tokens, mask = eps.tokens, eps.mask[:, 1:].to(d.device)  # mask and log-probs aligned with predicted tokens
+    rollout_logp = eps.rollout_logp[:, 1:].to(d.device)
+    advantages = ppo.compute_advantages(eps.rewards, g, args.advantage).to(d.device)
     cfg = ppo.PPOConfig(eps_low=args.clip_low, eps_high=args.clip_high, loss_agg=args.loss_agg,
                         norm_length=tokens.shape[1], kl_coef=args.kl_coef, entropy_coef=args.entropy_coef,
                         correction=args.rollout_correction)
@@ -336,31 +439,53 @@ def rl_step(model, sampler, opt, pool: EnvPool, args, step: int, mix: dict, ref_
             loss, m = ppo.policy_loss(logp, None if old_logp is None else old_logp[mb], advantages[mb], mask[mb],
                                       cfg, rollout_logp=rollout_logp[mb],
                                       ref_logp=None if ref_logp is None else ref_logp[mb], entropy=entropy)
+            share = rank_share(d, args, logp, old_logp, rollout_logp, mask, mb, cfg)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * share * d.world).backward()  # FSDP averages over ranks: together, the batch's gradient
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 skipped += 1  # NaN/inf: skip this update, keep going; main() stops on repeats
                 opt.zero_grad(set_to_none=True)
             else:
                 opt.step()
-            m["grad_norm"] = grad_norm.item()
-            metrics = m  # the last mini-batch's (with one mini-batch: the whole batch's)
             if old_logp is None:  # on-policy: pi_old is this very forward
-                metrics.update(ppo.rollout_mismatch_metrics(logp.detach(), rollout_logp[mb], mask[mb]))
+                m.update(ppo.rollout_mismatch_metrics(logp.detach(), rollout_logp[mb], mask[mb]))
+            metrics = {k: v * share for k, v in m.items()}  # the last mini-batch's, weighted by this rank's share
+            metrics["grad_norm"] = grad_norm.item() * share  # already global: the shares sum to 1
     if old_logp is not None:
-        metrics.update(ppo.rollout_mismatch_metrics(old_logp, rollout_logp, mask))
-    sampler.update_weights(model)  # a no-op when the sampler shares the trainer's module
-
-    metrics.update({
-        "phase": "rl", "step": step, "skipped_updates": skipped,
-        "reward": eps.rewards.mean().item(), "success": eps.success.float().mean().item(),
-        "response_length": eps.mask.sum(1).float().mean().item(), "turns": eps.turns.float().mean().item(),
-    })
-    for name in sorted(set(eps.envs)):
-        rows_e = torch.tensor([e == name for e in eps.envs])
-        metrics[f"train/{name}/success"] = eps.success[rows_e].float().mean().item()
+        metrics.update({k: v * share for k, v in ppo.rollout_mismatch_metrics(old_logp, rollout_logp, mask).items()})
+    metrics = dict(zip(metrics, d.sum(list(metrics.values()))))
+    metrics.update({"phase": "rl", "step": step, "skipped_updates": int(d.sum([skipped])[0])})
+    metrics.update(episode_stats(eps, env_names(args), d))
     return metrics
+
+
+def rank_share(d: Dist, args, logp, old_logp, rollout_logp, mask, mb, cfg) -> float:
+    """This rank's part of the loss's denominator (1 in one process): tokens or sequences kept
+    after rollout correction's rejection, over the same count on all ranks."""
+    if d.world == 1:
+        return 1.0
+    keep = mask[mb]
+    if args.rollout_correction != "off":
+        pi_old = logp.detach() if old_logp is None else old_logp[mb]
+        keep = ppo.rollout_correction(pi_old, rollout_logp[mb], mask[mb], ppo.get_correction(cfg.correction))[1]
+    local = ppo.aggregate_count(keep, args.loss_agg)
+    return local / max(d.sum([local])[0], 1)
+
+
+def episode_stats(eps: Episodes, names: list[str], d: Dist) -> dict:
+    """Reward, success, length and turns over all ranks' episodes; success per environment."""
+    per_env = [(eps.success[torch.tensor([e == name for e in eps.envs], dtype=torch.bool)]) for name in names]
+    sums = d.sum([len(eps.rewards), eps.rewards.sum().item(), eps.success.float().sum().item(),
+                  eps.mask.sum().item(), eps.turns.float().sum().item()]
+                 + [x for s in per_env for x in (len(s), s.float().sum().item())])
+    n = sums[0]
+    out = {"reward": sums[1] / n, "success": sums[2] / n, "response_length": sums[3] / n, "turns": sums[4] / n}
+    for i, name in enumerate(names):
+        count, hits = sums[5 + 2 * i], sums[6 + 2 * i]
+        if count:
+            out[f"train/{name}/success"] = hits / count
+    return out
 
 
 class perturbed_routing:
@@ -389,24 +514,27 @@ class perturbed_routing:
 # Checkpoints: HF-format model + tokenizer + optimizer, written to a temporary dir then renamed
 
 
-def save_checkpoint(run_dir, model, opt, harmony, state: dict):
-    final = os.path.join(run_dir, "checkpoints", f"step-{state['step']:06d}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    E.save_tokenizer(harmony.tokenizer, os.path.join(tmp, "tokenizer.json"))
-    if opt is not None:
-        sd = opt.state_dict()
-        tensors = {f"{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}
+def save_checkpoint(run_dir, full_model, model, opt, harmony, state: dict, d: Dist):
+    """The full model (HF format, loadable by transformers and vLLM), the tokenizer, the optimizer
+    state (gathered from all ranks) and the loop's state. Only rank 0 writes."""
+    opt_state = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
+                                                                              cpu_offload=True))
+    if d.main:
+        final = os.path.join(run_dir, "checkpoints", f"step-{state['step']:06d}")
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        full_model.save_pretrained(tmp)
+        E.save_tokenizer(harmony.tokenizer, os.path.join(tmp, "tokenizer.json"))
+        tensors = {f"{name}::{k}": v for name, st in opt_state["state"].items() for k, v in st.items()}
         save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-        state = {**state, "param_groups": sd["param_groups"]}
-    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-        json.dump(state, f, indent=2)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # a killed run leaves a .tmp directory, never a half-written checkpoint
-    for old in sorted(list_checkpoints(run_dir))[:-2]:  # keep the last two
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({**state, "param_groups": opt_state["param_groups"]}, f, indent=2)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # a killed run leaves a .tmp directory, never a half-written checkpoint
+        for old in sorted(list_checkpoints(run_dir))[:-2]:  # keep the last two
+            shutil.rmtree(old, ignore_errors=True)
+    if d.world > 1:
+        dist.barrier()
 
 
 def list_checkpoints(run_dir) -> list[str]:
@@ -416,18 +544,20 @@ def list_checkpoints(run_dir) -> list[str]:
     return sorted(os.path.join(root, d) for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp"))
 
 
-def load_checkpoint(path, model, opt) -> dict:
+def load_checkpoint(path, full_model, model, opt) -> dict:
+    """Every rank reads the files; FSDP keeps each rank's shard of the model and optimizer."""
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
-    loaded = M.Transformer.from_pretrained(path, dtype=next(model.parameters()).dtype)
-    model.load_state_dict(loaded.state_dict())
-    if opt is not None:
-        tensors = load_file(os.path.join(path, "optimizer.safetensors"))
-        per_param: dict = {}
-        for key, value in tensors.items():
-            i, name = key.split(".", 1)
-            per_param.setdefault(int(i), {})[name] = value
-        opt.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+    loaded = M.Transformer.from_pretrained(path, dtype=next(full_model.parameters()).dtype)
+    full_model.load_state_dict(loaded.state_dict())
+    if model is not full_model:
+        set_model_state_dict(model, full_model.state_dict(), options=StateDictOptions(full_state_dict=True))
+    per_param: dict = {}
+    for key, value in load_file(os.path.join(path, "optimizer.safetensors")).items():
+        name, k = key.split("::")
+        per_param.setdefault(name, {})[k] = value
+    set_optimizer_state_dict(model, opt, {"state": per_param, "param_groups": state["param_groups"]},
+                             options=StateDictOptions(full_state_dict=True))
     return state
 
 
@@ -438,11 +568,14 @@ def load_checkpoint(path, model, opt) -> dict:
 class Log:
     """metrics.jsonl (deterministic) and timing.jsonl (wall clock), appended line by line."""
 
-    def __init__(self, run_dir: str, keep_lines: int | None):
+    def __init__(self, run_dir: str, keep_lines: int | None, write: bool = True):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.timing = os.path.join(run_dir, "timing.jsonl")
         self.rows: list[dict] = []
-        if keep_lines is None:  # a fresh run
+        self.write, self.t0 = write, time.time()
+        if not write:  # another rank logs
+            pass
+        elif keep_lines is None:  # a fresh run
             for p in (self.path, self.timing):
                 open(p, "w").close()
         else:  # resume: drop what was logged after the checkpoint
@@ -450,14 +583,16 @@ class Log:
                 self.rows = [json.loads(line) for line in f][:keep_lines]
             with open(self.path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.rows)
-        self.t0 = time.time()
 
     def __call__(self, row: dict):
         self.rows.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     def time(self, **row):
+        if not self.write:
+            return
         with open(self.timing, "a") as f:
             f.write(json.dumps({**row, "wall_s": round(time.time() - self.t0, 3)}) + "\n")
 
@@ -482,67 +617,87 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    d = Dist(args.device)
+    if d.world > 1 and args.rollout_shards not in (0, d.world):
+        sys.exit(f"error: --rollout-shards must be 0 or the number of processes ({d.world})")
     run_dir = os.path.join(args.out, args.name)
     os.makedirs(run_dir, exist_ok=True)
     tok_source = os.path.join(args.init_from, "tokenizer.json") if args.init_from else None
     harmony = E.Harmony(E.load_tokenizer(tok_source) if tok_source else E.toy_tokenizer())
-    model = build_model(args, harmony)
-    if model.config.vocab_size < harmony.vocab_size:
-        sys.exit(f"error: the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's "
-                 f"({harmony.vocab_size})")
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
-
+    full_model = build_model(args, harmony).to(d.device)  # the sampler's weights (and the checkpoints')
+    if full_model.config.vocab_size < harmony.vocab_size:
+        sys.exit(f"error: the model's vocabulary ({full_model.config.vocab_size}) is smaller than the "
+                 f"tokenizer's ({harmony.vocab_size})")
+    if d.main:
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
     ckpts = list_checkpoints(run_dir) if args.resume else []
     if args.resume and not ckpts:
         sys.exit(f"error: --resume but no checkpoint in {run_dir}/checkpoints")
-    if args.trainer_attention == "auto":
-        sampler = S.Sampler(model, dtype=DTYPES[args.sampler_dtype])  # shares the module in float32
-    else:  # the sampler keeps its own copy with the correct (automatic) attention
-        sampler = S.Sampler(copy.deepcopy(model).to(DTYPES[args.sampler_dtype]))
+
+    # The trainer's model: the same module in one process (unless the trainer's attention is
+    # changed for an experiment), a sharded copy under torchrun.
+    separate = d.world > 1 or args.trainer_attention != "auto"
+    model = copy.deepcopy(full_model) if separate else full_model
+    if args.trainer_attention != "auto":
         model.set_attention_backend(args.trainer_attention)
+    d.shard(model)
+    sampler = S.Sampler(full_model, dtype=DTYPES[args.sampler_dtype])  # shares full_model in float32
+
+    def refresh():  # the sampler sees the trainer's latest weights
+        d.gather_into(model, full_model)
+        sampler.update_weights(full_model)
+
+    def evaluate_all() -> dict:  # rank 0 evaluates with the full weights; everyone gets the numbers
+        return d.broadcast(evaluate(sampler, args, harmony) if d.main else None)
+
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     if ckpts:
-        state = load_checkpoint(ckpts[-1], model, opt)
-        log = Log(run_dir, keep_lines=state["metrics_lines"])
+        state = load_checkpoint(ckpts[-1], full_model, model, opt)
+        log = Log(run_dir, keep_lines=state["metrics_lines"], write=d.main)
         start, warm_eval, last_eval = state["step"] + 1, state["warm_eval"], state["last_eval"]
-        sampler.update_weights(model)
-        print(f"resumed from {ckpts[-1]} (step {state['step']})")
+        refresh()
+        if d.main:
+            print(f"resumed from {ckpts[-1]} (step {state['step']})")
     else:
-        log = Log(run_dir, keep_lines=None)
+        log = Log(run_dir, keep_lines=None, write=d.main)
         if not args.init_from and args.sft_steps:
-            warm_start(model, args, harmony, log)
+            warm_start(model, args, harmony, log, d)
         log.time(phase="warm_start_done")
-        sampler.update_weights(model)
-        warm_eval = evaluate(sampler, args, harmony)
+        refresh()
+        warm_eval = evaluate_all()
         log({"phase": "eval", "step": 0, **warm_eval})
         start, last_eval = 1, warm_eval
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-        save_checkpoint(run_dir, model, opt, harmony, {"step": 0, "metrics_lines": len(log.rows),
-                                                       "warm_eval": warm_eval, "last_eval": last_eval})
+        save_checkpoint(run_dir, full_model, model, opt, harmony, {"step": 0, "metrics_lines": len(log.rows),
+                                                                   "warm_eval": warm_eval, "last_eval": last_eval}, d)
     ref_model = None
     if args.kl_coef > 0:  # the reference policy: the warm start (or the checkpoint we began from)
-        ref_model = M.Transformer.from_pretrained(list_checkpoints(run_dir)[0]).requires_grad_(False)
+        ref_model = M.Transformer.from_pretrained(list_checkpoints(run_dir)[0], device=d.device).requires_grad_(False)
 
     pool, failures = EnvPool(harmony), 0
-    bar = tqdm(range(start, args.steps + 1), desc="RL", dynamic_ncols=True, initial=start - 1, total=args.steps)
+    bar = tqdm(range(start, args.steps + 1), desc="RL", dynamic_ncols=True, initial=start - 1, total=args.steps,
+               disable=not d.main)
     for step in bar:
-        metrics = rl_step(model, sampler, opt, pool, args, step, curriculum(args, last_eval), ref_model)
+        metrics = rl_step(model, sampler, opt, pool, args, step, curriculum(args, last_eval), d, ref_model)
+        refresh()
         failures = failures + 1 if metrics["skipped_updates"] else 0
         if failures >= 5:
             sys.exit(f"error: non-finite loss or gradients in 5 consecutive steps (last at step {step}); "
                      f"lower --lr or check the inputs")
         if step % args.eval_every == 0 or step == args.steps:
-            last_eval = evaluate(sampler, args, harmony)
+            last_eval = evaluate_all()
             metrics.update(last_eval)
         log(metrics)
         log.time(phase="rl", step=step)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics['rollout_corr/kl']:.1e}",
                         eval=" ".join(f"{v:.2f}" for k, v in last_eval.items() if k.endswith("/success")))
         if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(run_dir, model, opt, harmony, {"step": step, "metrics_lines": len(log.rows),
-                                                           "warm_eval": warm_eval, "last_eval": last_eval})
-    summarize(run_dir, log, warm_eval, last_eval)
+            save_checkpoint(run_dir, full_model, model, opt, harmony, {"step": step, "metrics_lines": len(log.rows),
+                                                                       "warm_eval": warm_eval, "last_eval": last_eval}, d)
+    if d.main:
+        summarize(run_dir, log, warm_eval, last_eval)
+    d.close()
 
 
 def summarize(run_dir, log, warm_eval, last_eval):
