@@ -336,9 +336,9 @@ def toy_pieces() -> list[str]:
     for t in TOOL_NAMES:
         pieces += [f"functions.{t}", f" to=functions.{t}", f"commentary to=functions.{t} ",
                    f"functions.{t} to=assistant"]
-    pieces += ['{"expr":"', '{"q":"', '{"n":', '"}', "error: ", "no match", "higher", "lower", "correct"]
+    pieces += ['{"expr":"', '{"q":"', '","field":"', '{"n":', '"}', "error: ", "no match", "higher", "lower", "correct"]
     pieces += [CALC_QUESTION, LOOKUP_QUESTION, " of ", GUESS_QUESTION]
-    pieces += NAMES + CITIES + COLORS + list(ATTRIBUTES) + [f" {a}=" for a in ATTRIBUTES]
+    pieces += NAMES + CITIES + COLORS + JOBS + list(ATTRIBUTES) + [f" {a}=" for a in ATTRIBUTES]
     assert len(set(pieces)) == len(pieces)
     return pieces
 
@@ -858,10 +858,12 @@ NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi",
          "Ivan", "Judy", "Mallory", "Nina", "Oscar", "Peggy", "Rupert", "Sybil"]
 CITIES = ["Oslo", "Lima", "Cairo", "Delhi", "Paris", "Tokyo", "Quito", "Rome", "Seoul", "Dakar", "Hanoi", "Perth"]
 COLORS = ["red", "blue", "green", "black", "white", "orange", "purple", "yellow"]
-ATTRIBUTES = ("city", "color", "age")
+JOBS = ["baker", "pilot", "nurse", "judge", "chef", "miner", "tailor", "poet"]
+ATTRIBUTES = ("city", "color", "job")
+VALUES = {"city": CITIES, "color": COLORS, "job": JOBS}
 LOOKUP_QUESTION = "What is the "
-SEARCH = Tool("search", "Searches the people database; returns up to 3 records that contain the query.",
-              (("q", "string", "A name or any other word of a record"),))
+SEARCH = Tool("search", "Looks a person up in the people database; returns the value of one field.",
+              (("q", "string", "The person's name"), ("field", "string", "city, color or job")))
 
 
 def _record_line(r: dict) -> str:
@@ -869,8 +871,10 @@ def _record_line(r: dict) -> str:
 
 
 class LookupEnv(Env):
-    """Answer "What is the ATTR of NAME?" about a random database of 4-8 people (name, city,
-    color, age) that only the `search` tool can read. Reward lookup_reward: 1 for the value."""
+    """Answer "What is the FIELD of NAME?" about a random database of 4-8 people (name, city,
+    color, job) that only the `search` tool can read: search({"q": NAME, "field": FIELD}) returns
+    the value, or "no match" for a name not in the database. Two arguments to fill from the
+    question, a reply to use. Reward lookup_reward: 1 for the value."""
     name = "lookup"
     tools = (SEARCH,)
     instructions = "Use the search tool to look people up. Answer with the value only."
@@ -881,21 +885,20 @@ class LookupEnv(Env):
 
     def _new_task(self, rng):
         names = rng.sample(NAMES, rng.randint(*self.n_records))
-        self.db = [{"name": n, "city": rng.choice(CITIES), "color": rng.choice(COLORS),
-                    "age": rng.randrange(18, 80)} for n in names]
+        self.db = [{"name": n, **{a: rng.choice(VALUES[a]) for a in ATTRIBUTES}} for n in names]
         self.record, self.attribute = rng.choice(self.db), rng.choice(ATTRIBUTES)
         self.answer = str(self.record[self.attribute])
         return f"{LOOKUP_QUESTION}{self.attribute} of {self.record['name']}?"
 
     def _tool(self, name, args):
-        q = self._arg(args, "q", str)
-        if q is None:
-            return "error: q must be a string"
-        q = q.strip().casefold()
-        if not q:
-            return "error: empty query"
-        hits = [_record_line(r) for r in self.db if q in _record_line(r).casefold()]
-        return "\n".join(hits[:3]) if hits else "no match"
+        q, field = self._arg(args, "q", str), self._arg(args, "field", str)
+        if q is None or field is None:
+            return "error: q and field must be strings"
+        q, field = q.strip().casefold(), field.strip().casefold()
+        if field not in ATTRIBUTES:
+            return f"error: field must be one of {', '.join(ATTRIBUTES)}"
+        hits = [r[field] for r in self.db if r["name"].casefold() == q]
+        return hits[0] if hits else "no match"
 
     def _final(self, answer):
         r = lookup_reward(answer, self.answer)
@@ -903,16 +906,14 @@ class LookupEnv(Env):
 
     def expert_action(self, rng=None, p_skip_tool=0.0, p_mistake=0.0):
         rng = rng or random.Random()
-        if self.replies:  # read the attribute off the first record returned
-            fields = dict(kv.split("=", 1) for kv in self.replies[-1].split("\n")[0].split()[1:] if "=" in kv)
-            return completion(final(fields.get(self.attribute, "unknown")))
-        if rng.random() < p_skip_tool:  # a guess from the attribute's range of values
-            options = {"city": CITIES, "color": COLORS, "age": [str(a) for a in range(18, 80)]}[self.attribute]
-            return completion(final(rng.choice(options)))
+        if self.replies:  # answer with what the tool returned
+            return completion(final(self.replies[-1]))
+        if rng.random() < p_skip_tool:  # a guess from the field's range of values
+            return completion(final(rng.choice(VALUES[self.attribute])))
         name = self.record["name"]
-        if rng.random() < p_mistake and len(self.db) > 1:
+        if rng.random() < p_mistake and len(self.db) > 1:  # the wrong person: a wrong answer
             name = rng.choice([r["name"] for r in self.db if r is not self.record])
-        return completion(tool_call("search", {"q": name}))
+        return completion(tool_call("search", {"q": name, "field": self.attribute}))
 
 
 # ----------------------------------------------------------------------------------------------

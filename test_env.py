@@ -287,12 +287,15 @@ def test_lookup_needs_the_database():
     p = e.reset(11)
     name, attr = e.record["name"], e.attribute
     assert p.messages[0].content == f"What is the {attr} of {name}?"
-    st = e.step(env.completion(env.tool_call("search", {"q": name.lower()})))  # case-insensitive search
-    assert st.info["reply"].startswith(name + " city=")
+    st = e.step(env.completion(env.tool_call("search", {"q": name.lower(), "field": attr})))  # case-insensitive
+    assert st.info["reply"] == e.answer and e.answer in env.VALUES[attr]
     assert e.step(env.completion(env.final(e.answer))).reward == 1.0
     e.reset(11)
-    assert e.step(env.completion(env.tool_call("search", {"q": "Zelda"}))).info["reply"] == "no match"
-    assert e.step(env.completion(env.tool_call("search", {"q": " "}))).info["reply"] == "error: empty query"
+    assert e.step(env.completion(env.tool_call("search", {"q": "Zelda", "field": "city"}))).info["reply"] == "no match"
+    assert e.step(env.completion(env.tool_call("search", {"q": name, "field": "age"}))).info["reply"].startswith(
+        "error: field must be one of")
+    assert e.step(env.completion(env.tool_call("search", {"q": name}))).info["reply"] == \
+        "error: q and field must be strings"
     # Databases differ between seeds.
     assert len({tuple(map(str, (e.reset(s), e.db)[1])) for s in range(20)}) == 20
 
@@ -389,8 +392,8 @@ def test_full_prompt_declares_tools():
     assert [m.role for m in p.messages] == ["system", "developer", "user"]
     assert "Calls to these tools must go to the commentary channel: 'functions'." in p.messages[0].content
     dev = p.messages[1].content
-    assert "namespace functions {\n\n// Searches the people database" in dev
-    assert "type search = (_: {\n// A name or any other word of a record\nq: string,\n}) => any;" in dev
+    assert "namespace functions {\n\n// Looks a person up in the people database" in dev
+    assert "type search = (_: {\n// The person's name\nq: string,\n// city, color or job\nfield: string,\n}) => any;" in dev
     assert dev.endswith("} // namespace functions")
     assert e.harmony.parse(p.token_ids[:-2], first_role=None) == p.messages
     assert e.expert_episode(1).reward == 1.0

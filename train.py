@@ -79,7 +79,7 @@ def parse_args(argv=None):
                    help="probability that a demonstration answers from memory instead of calling the tool")
     g.add_argument("--demo-mistake", type=float, default=0.2,
                    help="probability of a wrong step in a demonstration (typo, wrong name, non-bisecting guess)")
-    g.add_argument("--sft-mix", default="calculator=1,lookup=2,guess=1",
+    g.add_argument("--sft-mix", default="calculator=1,lookup=1,guess=1",
                    help="with --env mix: relative share of each environment in the demonstrations")
     g = p.add_argument_group("reinforcement learning")
     g.add_argument("--steps", type=int, default=60, help="RL steps (one rollout batch and update each)")
@@ -572,17 +572,15 @@ class Log:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.timing = os.path.join(run_dir, "timing.jsonl")
         self.rows: list[dict] = []
-        self.write, self.t0 = write, time.time()
-        if not write:  # another rank logs
-            pass
-        elif keep_lines is None:  # a fresh run
-            for p in (self.path, self.timing):
-                open(p, "w").close()
-        else:  # resume: drop what was logged after the checkpoint
+        self.write, self.t0 = write, time.time()  # write: this is the rank that logs
+        if keep_lines is not None:  # resume: drop what was logged after the checkpoint
             with open(self.path) as f:
                 self.rows = [json.loads(line) for line in f][:keep_lines]
+        if write:
             with open(self.path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.rows)
+            if keep_lines is None:
+                open(self.timing, "w").close()
 
     def __call__(self, row: dict):
         self.rows.append(row)
