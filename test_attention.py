@@ -100,9 +100,22 @@ def test_flash_matches_naive(case, dtype):
     assert max(errors) <= TOL[dtype], dict(zip(["out", "dq", "dk", "dv", "dsinks"], errors))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_dense_matches_naive(case, dtype):
+    shape, kwargs = CASES[case]
+    inputs = make_inputs(dtype=dtype, **shape)
+    ref = outputs_and_grads(naive_attention, inputs, **kwargs)
+    got = outputs_and_grads(A.dense_attention, inputs, **kwargs)
+    for name, g in zip(["out", "dq", "dk", "dv", "dsinks"], got):
+        assert g.dtype == dtype and torch.isfinite(g).all(), name
+    errors = max_rel_errors(got, ref)
+    assert max(errors) <= TOL[dtype], dict(zip(["out", "dq", "dk", "dv", "dsinks"], errors))
+
+
 def test_fully_masked_row_gives_zero_and_zero_grads():
     shape, kwargs = CASES["fully_masked_rows"]
-    for fn in (naive_attention, A.flash_attention):
+    for fn in (naive_attention, A.flash_attention, A.dense_attention):
         out, dq, dk, dv, dsinks = outputs_and_grads(fn, make_inputs(**shape), **kwargs)
         assert (out[0, [0, 4]] == 0).all() and (out[1] == 0).all()  # rows that see no key
         assert (dq[0, [0, 4]] == 0).all() and (dq[1] == 0).all()
@@ -216,13 +229,26 @@ def test_dispatch_env_argument_errors_and_logging(monkeypatch, caplog):
     monkeypatch.setattr(A, "_backends_logged", set())
     monkeypatch.delenv(A.ENV_BACKEND, raising=False)
     with caplog.at_level(logging.INFO, logger=A.__name__):
-        attention(q, k, v, sinks)  # CPU: the default is the pure-PyTorch flash path
+        attention(q, k, v, sinks)  # CPU, 5 queries, 50 score elements: the one-tile dense path
+        assert torch.equal(attention(q, k, v, sinks), A.dense_attention(q, k, v, sinks))
+        monkeypatch.setattr(A, "DENSE_MAX_SCORES", 49)  # one element too many: the tiled flash kernel
+        assert torch.equal(attention(q, k, v, sinks), A.flash_attention(q, k, v, sinks))
+        monkeypatch.setattr(A, "DENSE_MAX_SCORES", 50)
+        monkeypatch.setattr(A, "BLOCK_Q", 4)  # queries span two tiles: flash
+        assert torch.equal(attention(q, k, v, sinks), A.flash_attention(q, k, v, sinks))
+        monkeypatch.setattr(A, "BLOCK_Q", 128)
+        monkeypatch.setattr(A, "BLOCK_K", 2)  # 5 keys > window 2 + 2-key tiles: flash could skip one
+        assert torch.equal(attention(q, k, v, sinks, sliding_window=2),
+                           A.flash_attention(q, k, v, sinks, sliding_window=2))
+        assert torch.equal(attention(q, k, v, sinks, sliding_window=3),
+                           A.dense_attention(q, k, v, sinks, sliding_window=3))
         attention(q, k, v, sinks)
         monkeypatch.setenv(A.ENV_BACKEND, "nosink")
         assert torch.equal(attention(q, k, v, sinks), A.nosink_attention(q, k, v, sinks))
         assert torch.equal(attention(q, k, v, sinks, backend="naive"), naive_attention(q, k, v, sinks))
     messages = [r.getMessage() for r in caplog.records]
     assert sum("backend: flash" in m for m in messages) == 1  # logged once
+    assert sum("backend: dense" in m for m in messages) == 1
     assert any("backend: nosink" in m and "WRONG" in m for m in messages)
     with pytest.raises(ValueError, match="unknown attention backend"):
         attention(q, k, v, sinks, backend="flash2")
