@@ -225,23 +225,33 @@ def yarn_inv_freq(cfg: ModelConfig, truncate: bool | None = None) -> tuple[torch
     return inv_freq, concentration
 
 
+def check_range(t: torch.Tensor, limit: int, what: str):
+    """ValueError when t holds a value outside [0, limit). Free on the CPU; on an accelerator an
+    asynchronous device-side assert, so a decode step never waits for the device to answer."""
+    message = f"{what} out of range [0, {limit})"
+    if t.device.type == "cpu":
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= limit):
+            raise ValueError(message)
+    elif t.numel():
+        torch._assert_async(((t >= 0) & (t < limit)).all(), message)
+
+
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables built once in float64 and cached per (device, dtype), grown on demand."""
+    """cos/sin tables for positions 0 .. max_position_embeddings - 1, built once in float64 and
+    cached per (device, dtype): a step only indexes them (no growth check that waits on a device)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self._tables: dict = {}  # (device, dtype) -> (cos, sin), each (L, head_dim/2)
+        self._tables: dict = {}  # (device, dtype) -> (cos, sin), each (max_position_embeddings, head_dim/2)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        """positions (B, T) -> cos, sin (B, T, 1, head_dim/2) in `dtype`."""
+        """positions (B, T), each in [0, max_position_embeddings) -> cos, sin (B, T, 1, head_dim/2) in `dtype`."""
         key = (positions.device, dtype)
-        need = int(positions.max()) + 1 if positions.numel() else 1
-        if key not in self._tables or self._tables[key][0].shape[0] < need:
-            length = max(2 ** math.ceil(math.log2(max(need, 2))), 256)
+        if key not in self._tables:
             inv_freq, concentration = yarn_inv_freq(self.cfg)
-            angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq  # (L, D/2)
-            cos, sin = angles.cos() * concentration, angles.sin() * concentration
+            angles = torch.arange(self.cfg.max_position_embeddings, dtype=torch.float64)[:, None] * inv_freq
+            cos, sin = angles.cos() * concentration, angles.sin() * concentration  # (L, D/2)
             self._tables[key] = (cos.to(positions.device, dtype), sin.to(positions.device, dtype))
         cos, sin = self._tables[key]
         return cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
@@ -879,17 +889,17 @@ class Transformer(nn.Module):
     def hidden(self, input_ids, positions=None, cache=None):
         """input_ids (B, T) -> the final-normed hidden states (B, T, H), before the unembedding.
 
-        positions (B, T): absolute position of each token (default 0..T-1 in every row; -1 marks a
-        padding slot that sees nothing and is seen by nothing).
+        positions (B, T): absolute position of each token, below max_position_embeddings (default
+        0..T-1 in every row; -1 marks a padding slot that sees nothing and is seen by nothing).
         cache: the sampler's KV cache; its update(layer_idx, k, v, positions) stores the new keys
         and returns (k, v, k_pos) for every key the rows can attend to (k_pos < 0: empty slot).
         Callers that need only some positions' logits apply lm_head to those alone.
         """
         B, T = input_ids.shape
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
+        check_range(input_ids, self.config.vocab_size, "token id")
         x = self.embed_tokens(input_ids)  # (B, T, H)
         rope_pos = positions.clamp(min=0) if positions is not None else torch.arange(T, device=x.device).expand(B, T)
+        check_range(rope_pos, self.config.max_position_embeddings, "position (max_position_embeddings)")
         cos, sin = self.rope(rope_pos, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, positions, cache)

@@ -306,10 +306,15 @@ def test_backward_reaches_every_parameter():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_out_of_range_token_ids():
-    m = M.Transformer(CFG)
+def test_out_of_range_token_ids_and_positions():
+    m = M.Transformer(M.preset("tiny", max_position_embeddings=16))
     with pytest.raises(ValueError, match="token id out of range"):
         m(torch.tensor([[0, CFG.vocab_size]]))
+    with pytest.raises(ValueError, match=r"position \(max_position_embeddings\) out of range \[0, 16\)"):
+        m(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="position"):
+        m(torch.tensor([[1, 2]]), positions=torch.tensor([[15, 16]]))
+    m(torch.tensor([[1, 2]]), positions=torch.tensor([[-1, 15]]))  # -1 (padding) and the last position
 
 
 def test_flash_path_matches_naive_path_and_nosink_does_not(hf_checkpoint):
