@@ -9,10 +9,8 @@ token t given tokens < t), and the report says how and where each pair differs, 
 
 Engines and what their numbers are (all are log_softmax of the raw logits: no temperature,
 top-k or top-p; every number is read back as a Python float, i.e. exactly):
-- float64: this model loaded in float64, the ground truth, with the reference (naive) attention.
-  Its RMSNorm and logits are kept in float64 here (model.py computes RMSNorm in fp32 and returns
-  fp32 logits whatever the dtype, which would cap the truth at fp32 precision: measured 9.5e-7
-  max |delta logprob|, as large as the fp32 engines' own error), log-softmax in float64. For a
+- float64: this model loaded in float64, the ground truth, with the reference (naive) attention;
+  a float64 model keeps RMSNorm, logits and the log-softmax in float64. For a
   dtype that rounds the checkpoint's weights (bf16 engines on an fp32 checkpoint), the engines of
   that dtype are compared with float64 on the rounded weights, so a delta is arithmetic, not
   weight rounding; the report says how far the rounding alone moves the truth.
@@ -226,17 +224,6 @@ def engine_model(checkpoint: str, dtype: torch.dtype, seqs, plant_bug: str | Non
         return _scatter(seqs, lambda x: M.token_logprobs(net(x)[:, :-1], x[:, 1:]))
 
 
-def _rmsnorm_float64(self, x):
-    # model.RMSNorm computes in fp32 whatever the input; the ground truth keeps float64
-    if x.dtype != torch.float64:
-        return _RMSNORM_FORWARD(self, x)
-    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-    return y * self.weight.to(torch.float64)
-
-
-_RMSNORM_FORWARD = M.RMSNorm.forward
-
-
 @torch.no_grad()
 def engine_float64(checkpoint: str, seqs, weights_dtype: torch.dtype | None = None):
     """The ground truth: this model in float64 end to end (norms, logits, log-softmax), with the
@@ -255,23 +242,14 @@ def engine_float64(checkpoint: str, seqs, weights_dtype: torch.dtype | None = No
             p.copy_(rounded)
         if not changed:
             return None
-    if hasattr(net, "set_attention_backend"):
-        net.set_attention_backend("naive")
-    captured = []
-    hook = net.lm_head.register_forward_hook(lambda mod, inp, out: captured.append(out))  # before .float()
-    M.RMSNorm.forward = _rmsnorm_float64
-    try:
-        def score(x):
-            captured.clear()
-            net(x)
-            logits = captured[-1]
-            assert logits.dtype == torch.float64, logits.dtype
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            return logp.gather(-1, x[:, 1:, None])[..., 0]
-        return _scatter(seqs, score)
-    finally:
-        M.RMSNorm.forward = _RMSNORM_FORWARD
-        hook.remove()
+    net.set_attention_backend("naive")
+
+    def score(x):  # a float64 model keeps RMSNorm, logits and log-softmax in float64
+        logp = torch.log_softmax(net(x)[:, :-1], dim=-1)
+        assert logp.dtype == torch.float64, logp.dtype
+        return logp.gather(-1, x[:, 1:, None])[..., 0]
+
+    return _scatter(seqs, score)
 
 
 @torch.no_grad()
