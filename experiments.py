@@ -1,0 +1,717 @@
+"""Reproduce the retrospective at toy scale: mismatch, collapse, correction, fix.
+
+    python experiments.py                 # the grid below, 2 seeds, 2 jobs: results/table.md + PNGs
+    python experiments.py --quick         # a seconds-long smoke run of the same pipeline
+    python experiments.py --analyze-only  # table and plots again from results/runs/*/metrics.jsonl
+
+What it runs (every run is one `train.py` process with --threads 1, up to --jobs at a time):
+1. A warm start per seed: train.py --steps 0 with the supervised options below (reused while its
+   options, and the code it ran, are unchanged).
+2. The grid {no mismatch, no-sink trainer, bf16 sampler} x {off, token-tis, seq-tis, seq-mis},
+   each cell `train.py --init-from <warm start> --steps N ...` in results/runs/<cell>-s<seed>:
+     none     sampler and trainer compute the same policy (fp32, one module, sinks in both);
+     nosink   --trainer-attention nosink: the trainer drops the attention sinks the sampler keeps
+              (the retrospective's FlashAttention-2 bug, the root cause of its collapse);
+     bf16     --sampler-dtype bfloat16: the sampler's copy of the weights in bf16 beside an fp32
+              trainer (what a bf16 inference engine beside an fp32 trainer does).
+   Corrections (ppo.CORRECTION_PRESETS): off; token-tis (w_t = min(rho_t, 2)); seq-tis
+   (w = min(prod rho_t, 2)); seq-mis (w = prod rho_t, whole sequences with prod rho_t outside
+   [0.5, 2] rejected). seq-mis rather than seq-rs: it is the masked importance sampling the
+   published results found best (reject AND reweight); seq-rs only rejects (w = 1), so the
+   accepted sequences keep their bias.
+3. The on-policy ratio check: with one epoch and one mini-batch, PPO's ratio must be exactly 1
+   (ppo_kl == 0, pg_clipfrac == 0 at every step); the `none.off` cells are that run. Beside
+   them, --routing-noise computes the old log-probs in a second forward pass whose routers see
+   noise (the MoE routing flip): ratio != 1 and spurious clipping.
+4. Analysis: results/table.md and table.json (final success, max grad norm, max KL, entropy
+   trend, mismatch metrics, the ratio check) and one PNG per metric (one panel per mismatch,
+   one line per correction, seeds averaged).
+
+The no-sink mismatch is only as large as the sinks. Trained from 0 on a toy task, the sinks stay
+near 0 (measured: |sink| < 0.2 after 600 supervised steps) while released GPT-OSS checkpoints
+have sinks of several units; --sink-init starts the warm start's sinks there (they keep
+training), which is the faithful way to give the toy model what the retrospective's model had.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CODE = ("train.py", "model.py", "sampler.py", "env.py", "ppo.py")  # a change in any invalidates a finished run
+
+MISMATCHES = {  # name -> (label, train.py options)
+    "none": ("no mismatch", []),
+    "nosink": ("no-sink trainer", ["--trainer-attention", "nosink"]),
+    "bf16": ("bf16 sampler", ["--sampler-dtype", "bfloat16"]),
+}
+CORRECTIONS = ["off", "token-tis", "seq-tis", "seq-mis"]
+
+
+def float_or_none(text: str):
+    return None if text.lower() == "none" else float(text)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("what to run")
+    g.add_argument("--quick", action="store_true",
+                   help="smoke run: tiny model, a few steps, one seed, 'none' and 'nosink' with 'off' and "
+                        "'seq-mis' (checks the pipeline; the numbers mean nothing)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (one warm start each)")
+    g.add_argument("--mismatches", nargs="+", default=list(MISMATCHES), choices=list(MISMATCHES),
+                   help="grid rows")
+    g.add_argument("--corrections", nargs="+", default=CORRECTIONS, help="grid columns (ppo.CORRECTION_PRESETS names)")
+    g.add_argument("--routing-noise", type=float, default=0.05,
+                   help="router-logit noise std of the ratio check's perturbed run (0: skip it)")
+    g.add_argument("--out", default="results", help="results folder (runs go to <out>/runs)")
+    g.add_argument("--jobs", type=int, default=2, help="train.py processes at a time (each single-threaded)")
+    g.add_argument("--fresh", action="store_true", help="rerun everything, even finished runs whose options match")
+    g.add_argument("--analyze-only", action="store_true", help="no training: table and plots from existing runs")
+    g.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep the grid runs' checkpoints (default: delete them when a run ends; warm starts are kept)")
+    g = p.add_argument_group("task, model and warm start (passed to train.py explicitly)")
+    g.add_argument("--env", default="guess", help="train.py --env")
+    g.add_argument("--preset", default="train", help="train.py --preset")
+    g.add_argument("--sft-steps", type=int, default=600, help="warm start: supervised steps")
+    g.add_argument("--sft-batch", type=int, default=32, help="warm start: demonstrations per step")
+    g.add_argument("--sft-lr", type=float, default=3e-3, help="warm start: learning rate")
+    g.add_argument("--demo-skip-tool", type=float, default=0.2, help="warm start: demonstrations without the tool")
+    g.add_argument("--demo-mistake", type=float, default=0.2, help="warm start: demonstrations with a wrong step")
+    g.add_argument("--sink-init", type=float_or_none, default=3.0,
+                   help="start the warm start's attention sinks at this value, as released GPT-OSS checkpoints "
+                        "have sinks of several units (they keep training); 'none': train.py's own init (0)")
+    g = p.add_argument_group("reinforcement learning (passed to train.py explicitly)")
+    g.add_argument("--steps", type=int, default=40, help="RL steps per run")
+    g.add_argument("--prompts", type=int, default=8, help="episodes per step")
+    g.add_argument("--group-size", type=int, default=8, help="rollouts per episode")
+    g.add_argument("--lr", type=float, default=3e-4, help="RL learning rate")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (the table reports the norm before clipping)")
+    g.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
+    g.add_argument("--max-new-tokens", type=int, default=40, help="token limit of one assistant turn")
+    g.add_argument("--eval-episodes", type=int, default=32, help="held-out episodes (after the warm start and at the end)")
+    args = p.parse_args(argv)
+    import ppo  # only for the preset names: cheap, torch is imported by train.py anyway
+    bad = [c for c in args.corrections if c not in ppo.CORRECTION_PRESETS]
+    if bad:
+        p.error(f"--corrections: unknown {bad}; choose from {sorted(ppo.CORRECTION_PRESETS)}")
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    if args.quick:
+        args.seeds, args.preset = args.seeds[:1], "tiny"
+        args.mismatches = [m for m in args.mismatches if m in ("none", "nosink")] or ["none"]
+        args.corrections = [c for c in args.corrections if c in ("off", "seq-mis")] or ["off"]
+        args.sft_steps, args.sft_batch, args.steps = 2, 4, 2
+        args.prompts, args.group_size, args.eval_episodes, args.max_new_tokens = 2, 2, 2, 24
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# The runs
+
+
+@dataclass
+class Run:
+    name: str  # run directory under <out>/runs
+    argv: list[str]  # train.py options (without --out/--name, which the runner adds)
+    kind: str  # "warm", "cell" or "routing"
+    seed: int
+    mismatch: str = ""
+    correction: str = ""
+    needs: str | None = None  # the warm start's run name
+    total_steps: int = 0  # progress units (supervised or RL steps)
+    status: str = "pending"  # pending, reused, running, done, failed, skipped
+    info: dict = field(default_factory=dict)
+
+
+def warm_dir(out: str, seed: int) -> str:
+    return os.path.join(out, "runs", f"warm-s{seed}")
+
+
+def warm_checkpoint(out: str, seed: int) -> str:
+    return os.path.join(warm_dir(out, seed), "checkpoints", "step-000000")
+
+
+def plan(args) -> list[Run]:
+    """Every run of the experiment, warm starts first."""
+    common = ["--env", args.env, "--threads", "1", "--temperature", str(args.temperature),
+              "--max-new-tokens", str(args.max_new_tokens), "--eval-episodes", str(args.eval_episodes)]
+    runs = []
+    for seed in args.seeds:
+        warm = ["--seed", str(seed), "--preset", args.preset, "--steps", "0", "--sft-steps", str(args.sft_steps),
+                "--sft-batch", str(args.sft_batch), "--sft-lr", str(args.sft_lr),
+                "--demo-skip-tool", str(args.demo_skip_tool), "--demo-mistake", str(args.demo_mistake), *common]
+        if args.sink_init is not None:
+            warm += ["--sink-init", str(args.sink_init)]  # handled by this script (see warm_start_with_sinks)
+        runs.append(Run(f"warm-s{seed}", warm, "warm", seed, total_steps=args.sft_steps))
+    rl = ["--steps", str(args.steps), "--prompts", str(args.prompts), "--group-size", str(args.group_size),
+          "--lr", str(args.lr), "--grad-clip", str(args.grad_clip), "--eval-every", str(args.steps),
+          "--save-every", str(args.steps), "--ppo-epochs", "1", "--minibatches", "1", "--advantage", "grpo",
+          "--loss-agg", "token-mean", "--kl-coef", "0", "--entropy-coef", "0", *common]
+    for seed in args.seeds:
+        init = ["--init-from", warm_checkpoint(args.out, seed), "--seed", str(seed)]
+        for mm in args.mismatches:
+            for corr in args.corrections:
+                runs.append(Run(f"{mm}.{corr}-s{seed}", [*init, *rl, *MISMATCHES[mm][1], "--rollout-correction", corr],
+                                "cell", seed, mm, corr, needs=f"warm-s{seed}", total_steps=args.steps))
+        if args.routing_noise > 0:
+            runs.append(Run(f"routing-noise-s{seed}", [*init, *rl, "--rollout-correction", "off",
+                                                        "--routing-noise", str(args.routing_noise)],
+                            "routing", seed, "none", "off", needs=f"warm-s{seed}", total_steps=args.steps))
+    return runs
+
+
+def code_hash() -> str:
+    h = hashlib.sha256()
+    for name in CODE:
+        with open(os.path.join(HERE, name), "rb") as f:
+            h.update(name.encode() + f.read())
+    return h.hexdigest()[:16]
+
+
+def file_hash(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def spec(run: Run, out: str, code: str) -> dict:
+    """What a finished run was made from; a run is reused only when this is unchanged."""
+    s = {"argv": run.argv, "code": code}
+    if run.needs:
+        model = os.path.join(out, "runs", run.needs, "checkpoints", "step-000000", "model.safetensors")
+        s["warm_start"] = file_hash(model) if os.path.exists(model) else None
+    return s
+
+
+def done_path(out: str, run: Run) -> str:
+    return os.path.join(out, "runs", run.name, "experiment.json")
+
+
+def finished(out: str, run: Run, code: str) -> bool:
+    try:
+        with open(done_path(out, run)) as f:
+            return json.load(f).get("spec") == spec(run, out, code)
+    except (OSError, ValueError):
+        return False
+
+
+def train_has_sink_init() -> bool:
+    """Whether train.py itself takes --sink-init (then it runs the warm start, not this script)."""
+    with open(os.path.join(HERE, "train.py")) as f:
+        return '"--sink-init"' in f.read()
+
+
+def command(run: Run, out: str) -> list[str]:
+    argv = [*run.argv, "--out", os.path.join(out, "runs"), "--name", run.name]
+    if "--sink-init" in argv and not train_has_sink_init():  # planted sinks: the warm start runs here
+        return [sys.executable, os.path.abspath(__file__), "--warm-start-with-sinks", *argv]
+    return [sys.executable, os.path.join(HERE, "train.py"), *argv]
+
+
+def steps_logged(out: str, run: Run) -> int:
+    """Progress of a running run: supervised steps (warm start) or RL steps in its metrics.jsonl."""
+    phase = "sft" if run.kind == "warm" else "rl"
+    try:
+        with open(os.path.join(out, "runs", run.name, "metrics.jsonl")) as f:
+            return sum(f'"phase": "{phase}"' in line for line in f)
+    except OSError:
+        return 0
+
+
+def execute(runs: list[Run], args) -> None:
+    """Run what is not finished, up to --jobs at a time, warm starts before the runs that need them."""
+    from tqdm import tqdm
+    code = code_hash()
+    for run in runs:
+        if not args.fresh and finished(args.out, run, code):
+            run.status = "reused"
+    todo = [r for r in runs if r.status == "pending"]
+    reused = len(runs) - len(todo)
+    print(f"{len(runs)} runs: {reused} reused (finished, same options and code), {len(todo)} to run, "
+          f"{args.jobs} at a time, 1 thread each; logs in {os.path.join(args.out, 'runs', '<run>', 'train.log')}")
+    by_name = {r.name: r for r in runs}
+    running: dict[str, tuple[subprocess.Popen, object, float]] = {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    bar = tqdm(total=sum(r.total_steps for r in todo), unit="step", dynamic_ncols=True, desc="experiments")
+    base = 0  # steps of the runs that ended
+    t0 = time.time()
+    while todo or running:
+        for run in list(todo):
+            if len(running) >= args.jobs:
+                break
+            dep = by_name.get(run.needs) if run.needs else None
+            if dep is not None and dep.status in ("pending", "running"):
+                continue
+            todo.remove(run)
+            if dep is not None and dep.status in ("failed", "skipped"):
+                run.status, run.info["error"] = "skipped", f"warm start {dep.name} failed"
+                base += run.total_steps
+                continue
+            run_dir = os.path.join(args.out, "runs", run.name)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            os.makedirs(run_dir)
+            log = open(os.path.join(run_dir, "train.log"), "w")
+            proc = subprocess.Popen(command(run, args.out), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE)
+            running[run.name] = (proc, log, time.time())
+            run.status = "running"
+        for name, (proc, log, started) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            run = by_name[name]
+            run.info["wall_s"] = round(time.time() - started, 1)
+            run_dir = os.path.join(args.out, "runs", name)
+            if proc.returncode == 0:
+                run.status = "done"
+                with open(done_path(args.out, run), "w") as f:
+                    json.dump({"spec": spec(run, args.out, code), "wall_s": run.info["wall_s"],
+                               "command": command(run, args.out)}, f, indent=2)
+                if run.kind != "warm" and not args.keep_checkpoints:
+                    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+            else:
+                run.status = "failed"
+                run.info["error"] = last_line(os.path.join(run_dir, "train.log"))
+                with open(os.path.join(run_dir, "failed.json"), "w") as f:
+                    json.dump({"returncode": proc.returncode, "error": run.info["error"]}, f, indent=2)
+                tqdm.write(f"{name}: exit {proc.returncode}: {run.info['error']}")
+            base += run.total_steps
+        bar.n = base + sum(min(steps_logged(args.out, by_name[n]), by_name[n].total_steps) for n in running)
+        bar.set_postfix_str(" ".join(sorted(running)))
+        bar.refresh()
+        time.sleep(1.0)
+    bar.close()
+    print(f"runs finished in {time.time() - t0:.0f} s")
+
+
+def last_line(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            lines = [ln.strip() for ln in f.read().replace("\r", "\n").split("\n") if ln.strip()]
+        return lines[-1][:300] if lines else ""
+    except OSError:
+        return ""
+
+
+# ----------------------------------------------------------------------------------------------
+# A warm start whose sinks start at a given value (train.py has no option for it)
+
+
+def warm_start_with_sinks(argv: list[str]) -> None:
+    """train.py's warm start with every attention sink initialised to --sink-init: the same model,
+    demonstrations and optimiser as `train.py --steps 0` (train.py's own functions), then the
+    HF-format checkpoint in <out>/<name>/checkpoints/step-000000 and the warm-start evaluation."""
+    i = argv.index("--sink-init")
+    value, argv = float(argv[i + 1]), argv[:i] + argv[i + 2:]
+    import torch
+    import env as E
+    import train
+    args = train.parse_args(argv)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    d = train.Dist("cpu")
+    harmony = E.Harmony(E.toy_tokenizer())
+    model = train.build_model(args, harmony)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.self_attn.sinks.fill_(value)
+    run_dir = os.path.join(args.out, args.name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump({**vars(args), "sink_init": value}, f, indent=2)
+    log = train.Log(run_dir, keep_lines=None)
+    if args.sft_steps:
+        train.warm_start(model, args, harmony, log, d)
+    sampler = train.S.Sampler(model)
+    log({"phase": "eval", "step": 0, **train.evaluate(sampler, args, harmony)})
+    final = os.path.join(run_dir, "checkpoints", "step-000000")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    E.save_tokenizer(harmony.tokenizer, os.path.join(tmp, "tokenizer.json"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    print("sinks after the warm start:",
+          " ".join(f"[{', '.join(f'{s:.2f}' for s in layer.self_attn.sinks.tolist())}]" for layer in model.layers))
+
+
+# ----------------------------------------------------------------------------------------------
+# Analysis: metrics.jsonl -> table.md, table.json, PNGs
+
+
+def read_rows(path: str) -> list[dict]:
+    rows = []
+    try:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:
+                        break  # a half-written last line of a killed run
+    except OSError:
+        pass
+    return rows
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _max(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return max(xs) if xs else float("nan")
+
+
+def summarize_run(rows: list[dict], env_name: str) -> dict:
+    """One run's numbers for the table (NaN where a metric is missing)."""
+    rl = [r for r in rows if r.get("phase") == "rl"]
+    evals = [r for r in rows if f"eval/{env_name}/success" in r]
+
+    def series(key):
+        return [r.get(key, float("nan")) for r in rl]
+
+    n = len(rl)
+    k = max(1, n // 5)  # "first" and "last": a fifth of the run
+    first, last = slice(0, k), slice(max(0, n - k), n)
+    s = {"steps": n}
+    for key, name in (("success", "success"), ("reward", "reward"), ("entropy", "entropy"),
+                      ("rollout_corr/k3_kl", "mismatch_kl"), ("response_length", "length")):
+        x = series(key)
+        s[f"{name}_first"], s[f"{name}_last"] = _mean(x[first]), _mean(x[last])
+    s["success_mean"] = _mean(series("success"))  # the area under the curve: how fast it learned
+    s["grad_norm_max"] = _max(series("grad_norm"))
+    s["grad_norm_median"] = sorted(series("grad_norm"))[n // 2] if n else float("nan")
+    s["entropy_max"] = _max(series("entropy"))
+    s["ppo_kl_max_abs"] = _max([abs(x) for x in series("ppo_kl")])
+    s["pg_clipfrac_max"] = _max(series("pg_clipfrac"))
+    s["ratio_not_one_steps"] = sum(1 for x in series("ppo_kl") if x != 0.0)
+    s["clipped_steps"] = sum(1 for x in series("pg_clipfrac") if x != 0.0)
+    s["mismatch_kl_max"] = _max(series("rollout_corr/k3_kl"))
+    s["mismatch_k1_max"] = _max([abs(x) for x in series("rollout_corr/kl")])
+    s["chi2_token_max"] = _max(series("rollout_corr/chi2_token"))
+    s["max_abs_prob_diff_max"] = _max(series("rollout_corr/max_abs_prob_diff"))
+    s["rejected_seq_mean"] = _mean(series("rollout_corr/rollout_rs_seq_masked_fraction"))
+    s["skipped_updates"] = sum(int(r.get("skipped_updates", 0)) for r in rl)
+    s["outcome"] = outcome(s)
+    s["eval_warm"] = evals[0][f"eval/{env_name}/success"] if evals and evals[0].get("step") == 0 else float("nan")
+    s["eval_final"] = evals[-1][f"eval/{env_name}/success"] if evals and evals[-1].get("phase") == "rl" else float("nan")
+    s["eval_final_sampled"] = (evals[-1].get(f"eval/{env_name}/success_sampled", float("nan"))
+                               if evals and evals[-1].get("phase") == "rl" else float("nan"))
+    return s
+
+
+def outcome(s: dict) -> str:
+    """A run's verdict from its training success: 'collapsed' (the last fifth under half the first
+    fifth), 'improved' (up by at least 0.05), 'flat' otherwise; 'no data' before any step."""
+    first, last = s["success_first"], s["success_last"]
+    if not (math.isfinite(first) and math.isfinite(last)):
+        return "no data"
+    if last < 0.5 * first:
+        return "collapsed"
+    return "improved" if last >= first + 0.05 else "flat"
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """Mean over seeds of every numeric summary (NaNs ignored); outcomes counted ('collapsed 2/2')."""
+    keys = per_seed[0].keys() if per_seed else []
+    out = {k: _mean([s[k] for s in per_seed]) for k in keys if k != "outcome"}
+    verdicts = [s["outcome"] for s in per_seed]
+    out["outcome"] = ", ".join(f"{v} {verdicts.count(v)}/{len(verdicts)}" for v in dict.fromkeys(verdicts))
+    return out
+
+
+def fmt(x, digits=2):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if x != 0 and (abs(x) < 10 ** -digits or abs(x) >= 1e4):
+        return f"{x:.1e}"
+    return f"{x:.{digits}f}"
+
+
+def sci(x):
+    """Small positive quantities (KL, chi2, probability gaps) in scientific notation; exact zeros as 0."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return "0" if x == 0 else f"{x:.1e}"
+
+
+def collect(out: str, env_name: str) -> dict:
+    """Every run under <out>/runs: {name: {"kind", "seed", "mismatch", "correction", "status", "rows", "summary"}}."""
+    runs = {}
+    root = os.path.join(out, "runs")
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if name.startswith("warm-") or "-s" not in name:
+            continue
+        base, seed = name.rsplit("-s", 1)
+        if not seed.isdigit():
+            continue
+        if base == "routing-noise":
+            kind, mm, corr = "routing", "none", "off"
+        elif "." in base:
+            kind, (mm, corr) = "cell", base.split(".", 1)
+        else:
+            continue
+        rows = read_rows(os.path.join(root, name, "metrics.jsonl"))
+        status = ("done" if os.path.exists(os.path.join(root, name, "experiment.json")) else
+                  "failed" if os.path.exists(os.path.join(root, name, "failed.json")) else "incomplete")
+        info = {}
+        for fname in ("experiment.json", "failed.json", "args.json"):
+            try:
+                with open(os.path.join(root, name, fname)) as f:
+                    info[fname] = json.load(f)
+            except (OSError, ValueError):
+                pass
+        runs[name] = {"kind": kind, "seed": int(seed), "mismatch": mm, "correction": corr, "status": status,
+                      "rows": rows, "summary": summarize_run(rows, env_name), "info": info}
+    return runs
+
+
+def warm_info(out: str) -> dict:
+    """Per warm start: its held-out success and its sinks (max |sink| per layer)."""
+    info = {}
+    root = os.path.join(out, "runs")
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if not name.startswith("warm-s"):
+            continue
+        rows = read_rows(os.path.join(root, name, "metrics.jsonl"))
+        ev = next((r for r in rows if r.get("phase") == "eval"), {})
+        entry = {k: v for k, v in ev.items() if k.startswith("eval/")}
+        ckpt = os.path.join(root, name, "checkpoints", "step-000000", "model.safetensors")
+        if os.path.exists(ckpt):
+            from safetensors import safe_open
+            with safe_open(ckpt, "pt") as f:
+                sinks = {k: f.get_tensor(k) for k in f.keys() if k.endswith("self_attn.sinks")}
+            entry["sinks"] = {k.split(".")[2]: [round(v, 3) for v in t.float().tolist()] for k, t in sorted(sinks.items())}
+        info[name] = entry
+    return info
+
+
+def analyze(out: str, env_name: str, mismatches=None, corrections=None, meta: dict | None = None) -> dict:
+    """Write <out>/table.md, <out>/table.json and <out>/*.png from <out>/runs; return the table data."""
+    runs = collect(out, env_name)
+    cells = [r for r in runs.values() if r["kind"] == "cell"]
+    mismatches = mismatches or [m for m in MISMATCHES if any(c["mismatch"] == m for c in cells)]
+    corrections = corrections or [c for c in CORRECTIONS if any(x["correction"] == c for x in cells)] + sorted(
+        {x["correction"] for x in cells} - set(CORRECTIONS))
+    grid = []
+    for mm in mismatches:
+        for corr in corrections:
+            members = sorted((r for r in cells if r["mismatch"] == mm and r["correction"] == corr), key=lambda r: r["seed"])
+            if not members:
+                continue
+            grid.append({"mismatch": mm, "correction": corr, "seeds": [r["seed"] for r in members],
+                         "status": [r["status"] for r in members],
+                         "mean": aggregate([r["summary"] for r in members]),
+                         "per_seed": [r["summary"] for r in members]})
+    ratio = []
+    for name, r in sorted(runs.items()):
+        if r["kind"] == "routing" or (r["kind"] == "cell" and r["mismatch"] == "none" and r["correction"] == "off"):
+            noise = r["info"].get("args.json", {}).get("routing_noise", 0.0)
+            ratio.append({"run": name, "routing_noise": noise, "status": r["status"], **r["summary"]})
+    data = {"meta": meta or {}, "warm_starts": warm_info(out), "grid": grid, "ratio_check": ratio,
+            "runs": {n: {k: v for k, v in r.items() if k != "rows"} for n, r in runs.items()}}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table.json"), "w") as f:
+        json.dump(data, f, indent=1, default=lambda x: None)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(render_table(data))
+    plot(runs, out, mismatches, corrections)
+    return data
+
+
+def render_table(data: dict) -> str:
+    meta = data["meta"]
+    lines = ["# Mismatch, collapse, correction, fix: results", ""]
+    if meta.get("command"):
+        lines += [f"Command: `{meta['command']}`" + (f"; wall time {meta['wall_s'] / 60:.1f} min" if meta.get("wall_s") else ""), ""]
+    if meta.get("setup"):
+        lines += [meta["setup"], ""]
+    seeds = sorted({s for g in data["grid"] for s in g["seeds"]})
+    lines += [f"Means over seeds {', '.join(map(str, seeds))} (per-seed values in table.json). "
+              "Success: fraction of a step's sampled training episodes (temperature 1) solved, mean over the "
+              "first and the last fifth of the run; 'mean' is over all steps (the area under the curve: higher "
+              "= learned faster). Outcome per seed: collapsed (last fifth < half the first), improved (+0.05 or "
+              "more), flat. Held-out: success on held-out episodes at the end, greedy / sampled (after the warm "
+              "start: see below). Grad norm: before clipping, max over steps. Entropy: the trainer's, first -> "
+              "last fifth. Mismatch KL: sampler/trainer KL on the sampled tokens (rollout_corr/k3_kl), first -> "
+              "last fifth and max over steps. Max |dp|: the largest sampler/trainer probability gap of a sampled "
+              "token (max over steps). Rejected: the fraction of sequences the rejection rule dropped (mean).", ""]
+    head = ["mismatch", "correction", "outcome", "success first -> last", "success mean", "held-out greedy / sampled",
+            "max grad norm", "entropy first -> last", "mismatch KL first -> last", "max mismatch KL", "max abs dp",
+            "rejected"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in data["grid"]:
+        m = g["mean"]
+        unfinished = [f"s{seed} {st}" for seed, st in zip(g["seeds"], g["status"]) if st != "done"]
+        row = [MISMATCHES.get(g["mismatch"], (g["mismatch"],))[0], g["correction"],
+               m["outcome"] + (f" ({', '.join(unfinished)})" if unfinished else ""),
+               f"{fmt(m['success_first'])} -> {fmt(m['success_last'])}", fmt(m["success_mean"]),
+               f"{fmt(m['eval_final'])} / {fmt(m['eval_final_sampled'])}", fmt(m["grad_norm_max"]),
+               f"{fmt(m['entropy_first'], 3)} -> {fmt(m['entropy_last'], 3)}",
+               f"{sci(m['mismatch_kl_first'])} -> {sci(m['mismatch_kl_last'])}", sci(m["mismatch_kl_max"]),
+               fmt(m["max_abs_prob_diff_max"], 3), fmt(m["rejected_seq_mean"])]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## On-policy ratio check", "",
+              "One PPO epoch and one mini-batch: the old log-probs are the loss's own forward (detached), "
+              "so the ratio must be exactly 1 (ppo_kl == 0) and nothing clipped (pg_clipfrac == 0) at every "
+              "step. The perturbed run computes the old log-probs in a second forward pass with noise on "
+              "the router logits (the MoE routing flip between two passes).", "",
+              "| run | routing noise | steps | steps with ratio != 1 | max abs ppo_kl | steps with clipping | "
+              "max clip fraction | exactly on-policy |", "|---|---|---|---|---|---|---|---|"]
+    for r in data["ratio_check"]:
+        exact = r["steps"] > 0 and r["ratio_not_one_steps"] == 0 and r["clipped_steps"] == 0
+        lines.append(f"| {r['run']} | {r['routing_noise']} | {r['steps']} | {r['ratio_not_one_steps']} | "
+                     f"{sci(r['ppo_kl_max_abs'])} | {r['clipped_steps']} | {sci(r['pg_clipfrac_max'])} | "
+                     f"{'yes' if exact else 'no'} |")
+    if data["warm_starts"]:
+        lines += ["", "## Warm starts", "", "| warm start | held-out success greedy / sampled | sinks per layer (min..max) |",
+                  "|---|---|---|"]
+        for name, w in data["warm_starts"].items():
+            succ = ", ".join(f"{k.split('/')[1]} {fmt(v)} / {fmt(w.get(k + '_sampled'))}"
+                             for k, v in w.items() if k.endswith("/success"))
+            sinks = "; ".join(f"{fmt(min(v))}..{fmt(max(v))}" for v in w.get("sinks", {}).values())
+            lines.append(f"| {name} | {succ} | {sinks or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+PLOTS = [  # (metric, title, log scale)
+    ("success", "training success (sampled episodes)", False),
+    ("reward", "training reward", False),
+    ("entropy", "entropy of the trainer's policy", False),
+    ("grad_norm", "grad norm (before clipping)", True),
+    ("rollout_corr/k3_kl", "sampler/trainer KL (k3)", True),
+    ("rollout_corr/chi2_token", "chi2 per token (IS weight variance)", True),
+    ("rollout_corr/max_abs_prob_diff", "max |p_sampler - p_trainer|", True),
+    ("pg_clipfrac", "PPO clip fraction", False),
+    ("rollout_corr/rollout_rs_seq_masked_fraction", "sequences rejected", False),
+]
+
+
+def smooth(xs: list[float], k: int) -> list[float]:
+    """Trailing moving average over k steps (NaNs skipped)."""
+    out = []
+    for i in range(len(xs)):
+        w = [x for x in xs[max(0, i - k + 1):i + 1] if math.isfinite(x)]
+        out.append(sum(w) / len(w) if w else float("nan"))
+    return out
+
+
+def seed_mean(members: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """Steps and the mean over seeds of one metric (steps every seed reached)."""
+    per = [{r["step"]: r.get(key, float("nan")) for r in m["rows"] if r.get("phase") == "rl"} for m in members]
+    steps = sorted(set.intersection(*(set(p) for p in per))) if per else []
+    return steps, [_mean([p[s] for p in per]) for s in steps]
+
+
+def plot(runs: dict, out: str, mismatches: list[str], corrections: list[str]) -> list[str]:
+    """One PNG per metric: a panel per mismatch, a line per correction (mean over seeds, smoothed
+    over 5 steps; the unsmoothed mean faint behind it); the ratio check in ratio_check.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    colors = {c: f"C{i}" for i, c in enumerate(corrections)}
+    cells = [r for r in runs.values() if r["kind"] == "cell"]
+    for key, title, log in PLOTS:
+        if not any(key in row for r in cells for row in r["rows"]):
+            continue
+        fig, axes = plt.subplots(1, len(mismatches), figsize=(4.2 * len(mismatches), 3.3), sharey=True, squeeze=False)
+        for ax, mm in zip(axes[0], mismatches):
+            for corr in corrections:
+                members = [r for r in cells if r["mismatch"] == mm and r["correction"] == corr]
+                steps, ys = seed_mean(members, key)
+                if not steps:
+                    continue
+                if log:
+                    ys = [y if y > 0 else float("nan") for y in ys]
+                ax.plot(steps, ys, color=colors[corr], alpha=0.25, lw=0.8)
+                ax.plot(steps, smooth(ys, 5), color=colors[corr], lw=1.6, label=corr)
+            ax.set_title(MISMATCHES.get(mm, (mm,))[0], fontsize=10)
+            ax.set_xlabel("RL step")
+            if log:
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(title, fontsize=9)
+        axes[0][0].legend(fontsize=8, title="correction", title_fontsize=8)
+        fig.suptitle(title + " (mean over seeds; thick: 5-step moving average)", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(out, key.replace("rollout_corr/", "").replace("/", "_") + ".png")
+        fig.savefig(path, dpi=72)
+        plt.close(fig)
+        written.append(path)
+    checks = sorted((n, r) for n, r in runs.items()
+                    if r["kind"] == "routing" or (r["kind"] == "cell" and r["mismatch"] == "none" and r["correction"] == "off"))
+    if checks:
+        fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.3))
+        for i, (name, r) in enumerate(checks):
+            rl = [row for row in r["rows"] if row.get("phase") == "rl"]
+            style = dict(color="C3" if r["kind"] == "routing" else "C0", lw=1.4, marker=".", ms=3,
+                         label=("routing noise " if r["kind"] == "routing" else "on-policy ") + f"s{r['seed']}",
+                         ls="-" if r["seed"] == checks[0][1]["seed"] else "--")
+            axes[0].plot([x["step"] for x in rl], [abs(x.get("ppo_kl", float("nan"))) for x in rl], **style)
+            axes[1].plot([x["step"] for x in rl], [x.get("pg_clipfrac", float("nan")) for x in rl], **style)
+        axes[0].set_title("|ppo_kl| = |mean(old - new log-prob)|", fontsize=10)
+        axes[1].set_title("PPO clip fraction", fontsize=10)
+        for ax in axes:
+            ax.set_xlabel("RL step")
+            ax.grid(alpha=0.3)
+        axes[0].set_yscale("symlog", linthresh=1e-6)
+        axes[1].legend(fontsize=8)
+        fig.suptitle("on-policy ratio check: exactly 0 without the routing flip", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(out, "ratio_check.png")
+        fig.savefig(path, dpi=72)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def setup_line(args) -> str:
+    return (f"Setup: env {args.env}, preset {args.preset}; warm start {args.sft_steps} supervised steps x "
+            f"{args.sft_batch} demonstrations (lr {args.sft_lr}, skip-tool {args.demo_skip_tool}, mistakes "
+            f"{args.demo_mistake}" + (f", sinks initialised at {args.sink_init}" if args.sink_init is not None else "")
+            + f"); RL {args.steps} steps x {args.prompts} prompts x {args.group_size} rollouts, lr {args.lr}, "
+            f"grad clip {args.grad_clip}, temperature {args.temperature}, GRPO, token-mean, 1 epoch, 1 mini-batch; "
+            f"held-out eval {args.eval_episodes} episodes. Routing-noise std {args.routing_noise}.")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--warm-start-with-sinks"]:
+        return warm_start_with_sinks(argv[1:])
+    args = parse_args(argv)
+    t0 = time.time()
+    if not args.analyze_only:
+        execute(plan(args), args)
+    command_line = "python experiments.py" + ("" if not argv else " " + " ".join(argv))
+    meta = {"command": command_line, "setup": setup_line(args), "seeds": args.seeds}
+    if not args.analyze_only:
+        meta["wall_s"] = round(time.time() - t0, 1)
+    data = analyze(args.out, args.env, args.mismatches, args.corrections, meta)
+    with open(os.path.join(args.out, "table.md")) as f:
+        print(f.read())
+    failed = [n for n, r in data["runs"].items() if r["status"] != "done"]
+    if failed:
+        print(f"not finished: {', '.join(failed)} (see {args.out}/runs/<run>/train.log)")
+
+
+if __name__ == "__main__":
+    main()
