@@ -108,13 +108,15 @@ def set_threads(threads):
     return torch.get_num_threads()
 
 
-def make_checkpoint(preset, path, seed):
-    """A random-weight checkpoint with non-zero sinks (every engine has to honour them)."""
+def make_checkpoint(preset, path, seed, max_len):
+    """A random-weight checkpoint with non-zero sinks (every engine has to honour them), its
+    context (max_position_embeddings) long enough for max_len tokens."""
     import torch
 
     import model as M
 
     cfg = M.preset(preset)
+    cfg = M.preset(preset, max_position_embeddings=max(cfg.max_position_embeddings, max_len))
     net = M.Transformer(cfg)
     net.init_weights(seed=seed)
     gen = torch.Generator().manual_seed(seed)
@@ -488,12 +490,17 @@ def fresh_process_medians(job, engines, repeats, desc):
     each, the engines alternating."""
     from tqdm import tqdm
 
-    runs = {e: [] for e in engines}
+    runs, failed = {e: [] for e in engines}, {}
     for _ in tqdm(range(repeats), desc=desc, file=sys.stderr):
         for e in engines:
-            runs[e].append(run_worker({**job, "engine": e}))
-    return {e: (statistics.median(r["mib"] for r in rs), statistics.median(r["seconds"] for r in rs),
-                [round(r["mib"], 1) for r in rs]) for e, rs in runs.items()}
+            if e not in failed:
+                try:
+                    runs[e].append(run_worker({**job, "engine": e}))
+                except RuntimeError as exc:  # reported in the table; the other engine still runs
+                    failed[e] = str(exc)
+                    print(exc, file=sys.stderr)
+    return {e: failed.get(e) or (statistics.median(r["mib"] for r in rs), statistics.median(r["seconds"] for r in rs),
+                                 [round(r["mib"], 1) for r in rs]) for e, rs in runs.items()}
 
 
 def spread(values):
@@ -508,8 +515,10 @@ def bench_memory(args, ckpt, cfg, threads):
     print(f"log-probs of one {args.memory_len}-token sequence, fp32, no_grad, each engine in a fresh "
           f"process; peak resident memory during the call minus before it (weights excluded), "
           f"median of {args.repeats}\n")
-    rows = [[NAMES[e], f"{mib:.0f}", spread(runs), f"{s:.2f}", ratio(mib, res["transformers"][0]) if e == "model" else ""]
-            for e, (mib, s, runs) in res.items()]
+    rows = [[NAMES[e], "failed (see above)", "", "", ""] if isinstance(r, str) else
+            [NAMES[e], f"{r[0]:.0f}", spread(r[2]), f"{r[1]:.2f}",
+             ratio(r[0], res["transformers"][0]) if e == "model" and not isinstance(res["transformers"], str) else ""]
+            for e, r in res.items()]
     print_table(["engine", "peak extra MiB", "runs", "seconds", "vs transformers"], rows)
     return {"logprob_memory": res}
 
@@ -520,10 +529,12 @@ def bench_attention_memory(args, threads):
     res = fresh_process_medians(job, ["flash", "naive"], args.repeats, "attention memory (repeat)")
     print(f"\n== attention forward + backward: B=1 T={T} Hq=8 Hkv=2 D=64 fp32 causal with sinks, "
           f"{threads} thread(s), each in a fresh process, median of {args.repeats}\n")
-    rows = [[NAMES[e], f"{mib:.1f}", spread(runs), f"{s:.2f}"] for e, (mib, s, runs) in res.items()]
+    rows = [[NAMES[e], "failed (see above)", "", ""] if isinstance(r, str) else
+            [NAMES[e], f"{r[0]:.1f}", spread(r[2]), f"{r[1]:.2f}"] for e, r in res.items()]
     print_table(["backend", "peak extra MiB", "runs", "seconds"], rows)
-    print(f"naive / flash: memory {res['naive'][0] / max(res['flash'][0], 1e-9):.1f}x, "
-          f"time {res['naive'][1] / res['flash'][1]:.2f}x")
+    if not any(isinstance(r, str) for r in res.values()):
+        print(f"naive / flash: memory {res['naive'][0] / max(res['flash'][0], 1e-9):.1f}x, "
+              f"time {res['naive'][1] / res['flash'][1]:.2f}x")
     return {"attention_memory": res}
 
 
@@ -544,12 +555,12 @@ def print_summary(args, results):
     if r and not any(isinstance(r[e], str) for e in ("model", "transformers")):
         rows.append(verdict("train fp32 vs transformers", r["transformers"] / r["model"],
                             TARGETS["train fp32 vs transformers"]))
-    if "logprob_memory" in results:
-        r = results["logprob_memory"]
+    r = results.get("logprob_memory")
+    if r and not any(isinstance(x, str) for x in r.values()):
         rows.append(verdict("log-prob memory vs transformers", r["model"][0] / r["transformers"][0],
                             TARGETS["log-prob memory vs transformers"], lower_is_better=True))
-    if "attention_memory" in results:
-        r = results["attention_memory"]
+    r = results.get("attention_memory")
+    if r and not any(isinstance(x, str) for x in r.values()):
         rows.append(verdict("attention memory naive / flash", r["naive"][0] / max(r["flash"][0], 1e-9),
                             TARGETS["attention memory naive / flash"]))
     print_table(["figure", "ratio", "target", ""], rows)
@@ -565,7 +576,8 @@ def run_entries(args):
     threads = set_threads(args.threads)
     results = {"threads": threads, "load_average_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="bench_") as ckpt:
-        cfg = make_checkpoint(args.preset, ckpt, args.seed)
+        longest = max(args.prompt_len + args.new_tokens, args.train_len, args.memory_len)
+        cfg = make_checkpoint(args.preset, ckpt, args.seed, longest)
         for entry in entries:
             if entry == "decode":
                 results |= bench_decode(args, ckpt, cfg, threads)

@@ -1,0 +1,69 @@
+"""bench.py: the FLOP count behind its FLOP/s figures, its command line, and each entry end to end
+on a tiny model (no timing is asserted: a benchmark prints numbers, it does not test them)."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+import model as M
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: a second thread only waits (see test_attention.py)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_model_flops_match_the_matmuls_torch_counts():
+    """bench's count (3 x forward) against FlopCounterMode on a float64 forward (its experts run
+    as plain matmuls, which the counter sees) with the dense backend, which computes every
+    (query, key) pair: the counted FLOPs minus the masked pairs' are bench's forward."""
+    cfg = M.preset("tiny", sliding_window=5)
+    B, T = 2, 12
+    net = M.Transformer(cfg).double()
+    net.set_attention_backend("dense")
+    with FlopCounterMode(display=False) as counter:
+        net(torch.randint(0, cfg.vocab_size, (B, T)))
+    all_pairs = cfg.num_hidden_layers * T * T
+    visible = sum(min(i + 1, 5 if kind == "sliding_attention" else T)
+                  for kind in cfg.layer_types for i in range(T))
+    masked_flops = 4 * cfg.head_dim * cfg.num_attention_heads * (all_pairs - visible) * B
+    assert bench.model_flops_per_step(cfg, B, T) == 3 * (counter.get_total_flops() - masked_flops)
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for action in bench.parse_args([])._get_kwargs():
+        assert "--" + action[0].replace("_", "-") in text or action[0] in ("entry", "worker")
+    for entry in bench.ENTRIES + ["all"]:
+        assert entry in text
+
+
+def test_entries_run_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    results = bench.main(["train", "--preset", "tiny", "--threads", "1", "--repeats", "1",
+                          "--train-batch", "2", "--train-len", "16", "--peak-size", "64",
+                          "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "training step" in text and "matmul peak" in text and out.exists()
+    for dt in ("float32", "bfloat16"):
+        assert all(isinstance(results["train"][dt][e], float) for e in ("model", "transformers"))
+    results = bench.main(["attention-memory", "--threads", "1", "--repeats", "1", "--attention-len", "256"])
+    flash_mib, naive_mib = results["attention_memory"]["flash"][0], results["attention_memory"]["naive"][0]
+    assert 0 <= flash_mib < naive_mib  # 256 keys: naive's scores already dominate
+    results = bench.main(["memory", "--preset", "tiny", "--threads", "1", "--repeats", "1",
+                          "--memory-len", "64"])
+    assert set(results["logprob_memory"]) == {"model", "transformers"}
+
+
+def test_decode_entry_without_vllm(capsys):
+    results = bench.main(["decode", "--preset", "tiny", "--threads", "1", "--repeats", "1", "--batches", "2",
+                          "--new-tokens", "3", "--prompt-len", "4", "--engines", "sampler", "transformers"])
+    tps = results["decode_tokens_per_s"]
+    assert tps["sampler"][2] > 0 and tps["transformers"][2] > 0
+    assert "greedy tokens identical to transformers" in capsys.readouterr().out
