@@ -338,7 +338,7 @@ def toy_pieces() -> list[str]:
                    f"functions.{t} to=assistant"]
     pieces += ['{"expr":"', '{"q":"', '","field":"', '{"n":', '"}', "error: ", "no match", "higher", "lower", "correct"]
     pieces += [CALC_QUESTION, LOOKUP_QUESTION, " of ", GUESS_QUESTION]
-    pieces += NAMES + CITIES + COLORS + JOBS + list(ATTRIBUTES) + [f" {a}=" for a in ATTRIBUTES]
+    pieces += list(ATTRIBUTES)
     assert len(set(pieces)) == len(pieces)
     return pieces
 
@@ -854,25 +854,22 @@ class CalculatorEnv(Env):
 # ----------------------------------------------------------------------------------------------
 # 2. lookup (retrieval agent): facts that exist only in a per-seed database
 
-NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi",
-         "Ivan", "Judy", "Mallory", "Nina", "Oscar", "Peggy", "Rupert", "Sybil"]
-CITIES = ["Oslo", "Lima", "Cairo", "Delhi", "Paris", "Tokyo", "Quito", "Rome", "Seoul", "Dakar", "Hanoi", "Perth"]
-COLORS = ["red", "blue", "green", "black", "white", "orange", "purple", "yellow"]
-JOBS = ["baker", "pilot", "nurse", "judge", "chef", "miner", "tailor", "poet"]
-ATTRIBUTES = ("city", "color", "job")
-VALUES = {"city": CITIES, "color": COLORS, "job": JOBS}
+# Every name has four letters and every value three digits, spelled with ordinary (frequent)
+# tokens: the copies the task needs (question -> call, reply -> answer) then sit at fixed distances
+# and move frequent tokens, which a toy model learns in hundreds of steps. With one rare token per
+# name or value, each token's copy has to be learned on its own, and a warm start that fits a
+# 15-minute budget learns some of them and not others.
+NAMES = ["Alan", "Bert", "Cara", "Dora", "Emil", "Finn", "Gwen", "Hugo",
+         "Ivan", "Jack", "Kate", "Liam", "Mona", "Nora", "Otto", "Paul"]
+ATTRIBUTES = ("room", "badge", "locker")
 LOOKUP_QUESTION = "What is the "
 SEARCH = Tool("search", "Looks a person up in the people database; returns the value of one field.",
-              (("q", "string", "The person's name"), ("field", "string", "city, color or job")))
-
-
-def _record_line(r: dict) -> str:
-    return r["name"] + "".join(f" {a}={r[a]}" for a in ATTRIBUTES)
+              (("q", "string", "The person's name"), ("field", "string", "room, badge or locker")))
 
 
 class LookupEnv(Env):
-    """Answer "What is the FIELD of NAME?" about a random database of 4-8 people (name, city,
-    color, job) that only the `search` tool can read: search({"q": NAME, "field": FIELD}) returns
+    """Answer "What is the FIELD of NAME?" about a random database of 4-8 people (name; room,
+    badge and locker numbers) that only the `search` tool can read: search({"q": NAME, "field": FIELD}) returns
     the value, or "no match" for a name not in the database. Two arguments to fill from the
     question, a reply to use. Reward lookup_reward: 1 for the value."""
     name = "lookup"
@@ -885,7 +882,7 @@ class LookupEnv(Env):
 
     def _new_task(self, rng):
         names = rng.sample(NAMES, rng.randint(*self.n_records))
-        self.db = [{"name": n, **{a: rng.choice(VALUES[a]) for a in ATTRIBUTES}} for n in names]
+        self.db = [{"name": n, **{a: str(rng.randrange(100, 1000)) for a in ATTRIBUTES}} for n in names]
         self.record, self.attribute = rng.choice(self.db), rng.choice(ATTRIBUTES)
         self.answer = str(self.record[self.attribute])
         return f"{LOOKUP_QUESTION}{self.attribute} of {self.record['name']}?"
@@ -909,7 +906,7 @@ class LookupEnv(Env):
         if self.replies:  # answer with what the tool returned
             return completion(final(self.replies[-1]))
         if rng.random() < p_skip_tool:  # a guess from the field's range of values
-            return completion(final(rng.choice(VALUES[self.attribute])))
+            return completion(final(str(rng.randrange(100, 1000))))
         name = self.record["name"]
         if rng.random() < p_mistake and len(self.db) > 1:  # the wrong person: a wrong answer
             name = rng.choice([r["name"] for r in self.db if r is not self.record])
