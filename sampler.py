@@ -32,6 +32,8 @@ Design choices:
   p % W, so it always holds the last W positions. One position tensor per kind (every layer of
   a kind stores the same positions); -1 marks an empty slot, which `attention`'s mask never
   shows. Rows have their own lengths: nothing assumes rows sit at the same position.
+  In the batch-invariant mode (model.set_batch_invariant) every layer gets a full cache: the
+  "invariant" attention needs keys at the index of their position (costs W -> max_len slots).
 - Capacity: session(prompts, max_len) preallocates max_len slots per row (prompt + generated +
   appended tokens). generate() raises ValueError before doing any work when a ready row's tokens
   + max_new_tokens would exceed it, append() when the appended tokens would; Sampler.generate
@@ -105,8 +107,10 @@ class KVCache:
     sliding layers a ring (rows, W, Hkv, D) with slot = position % W. The sampler sets a plan
     (plan_decode / plan_chunk) before each forward; Attention calls update() once per layer."""
 
-    def __init__(self, cfg: M.ModelConfig, rows: int, max_len: int, dtype, device):
-        self.sliding = [t == "sliding_attention" for t in cfg.layer_types]
+    def __init__(self, cfg: M.ModelConfig, rows: int, max_len: int, dtype, device, ring: bool = True):
+        # ring=False (the batch-invariant mode): sliding layers get full caches too, so every key
+        # sits at the index of its position (the window is still applied by attention's mask)
+        self.sliding = [ring and t == "sliding_attention" for t in cfg.layer_types]
         self.max_len = max_len
         self.ring = min(cfg.sliding_window, max_len) if any(self.sliding) else 1
         shape = (rows, cfg.num_key_value_heads, cfg.head_dim)
@@ -238,9 +242,13 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
 
 class Sampler:
     """Wraps a Transformer for generation. dtype/device default to the model's (module shared);
-    any other dtype/device gives the sampler its own copy (refresh it with update_weights)."""
+    any other dtype/device gives the sampler its own copy (refresh it with update_weights).
+    batch_invariant: None follows the model's flag (Transformer.set_batch_invariant); True/False
+    sets it on the sampler's model. In that mode the caches are full (no ring buffer) and the
+    log-probs equal a same-dtype trainer's full-sequence log-probs bit for bit."""
 
-    def __init__(self, model: M.Transformer, dtype: torch.dtype | None = None, device=None):
+    def __init__(self, model: M.Transformer, dtype: torch.dtype | None = None, device=None,
+                 batch_invariant: bool | None = None):
         p0 = next(model.parameters())
         self.dtype = dtype or p0.dtype
         self.device = torch.device(device) if device is not None else p0.device
@@ -252,6 +260,9 @@ class Sampler:
             self.model, self.shared = copy.to(self.dtype).to_empty(device=self.device), False
             self.model.requires_grad_(False)
             self.update_weights(model)
+        on = model.batch_invariant if batch_invariant is None else batch_invariant
+        if on != self.model.batch_invariant:  # a shared module changes for its trainer too
+            self.model.set_batch_invariant(on)
         self.config = model.config
 
     @torch.no_grad()
@@ -332,7 +343,7 @@ class Session:
         self.sampler, self.model, self.cfg, self.max_len = sampler, sampler.model, cfg, max_len
         self.device = sampler.device
         B = len(prompts)
-        self.cache = KVCache(cfg, B, max_len, sampler.dtype, self.device)
+        self.cache = KVCache(cfg, B, max_len, sampler.dtype, self.device, ring=not self.model.batch_invariant)
         self.row_of_slot = list(range(B))  # cache row -> session row
         self.slot_of_row = list(range(B))
         self.row_dev = torch.arange(B, device=self.device)  # the same map on the device

@@ -67,3 +67,12 @@ def test_decode_entry_without_vllm(capsys):
     tps = results["decode_tokens_per_s"]
     assert tps["sampler"][2] > 0 and tps["transformers"][2] > 0
     assert "greedy tokens identical to transformers" in capsys.readouterr().out
+
+
+def test_invariant_entry_reports_both_modes(capsys):
+    results = bench.main(["invariant", "--preset", "tiny", "--threads", "1", "--repeats", "1", "--batches", "1", "2",
+                          "--new-tokens", "3", "--prompt-len", "4", "--train-batch", "2", "--train-len", "16"])
+    seconds = results["invariant_seconds"]
+    assert set(seconds) == {f"{k} {m}" for k in ("decode batch 1", "decode batch 2", "train step fp32")
+                            for m in ("off", "on")}
+    assert all(v > 0 for v in seconds.values()) and "invariant speed" in capsys.readouterr().out

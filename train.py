@@ -104,6 +104,10 @@ def parse_args(argv=None):
                         "evaluation found weakest (weight 0.1 + 1 - greedy success)")
     g.add_argument("--kl-coef", type=float, default=0.0, help="KL penalty to the warm-start policy (0: off)")
     g.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus")
+    g.add_argument("--batch-invariant", action="store_true",
+                   help="batch-invariant mode (model.set_batch_invariant): the sampler's log-probs equal the "
+                        "trainer's bit for bit, so rollout_corr/kl is exactly 0 and the correction weights "
+                        "exactly 1; costs throughput (README, bench.py); needs --sampler-dtype float32")
     g = p.add_argument_group("experiments: mismatches real stacks have (see README; all off by default)")
     g.add_argument("--trainer-attention", default="auto", choices=["auto", "flash", "naive", "nosink"],
                    help="the trainer's attention backend; 'nosink' drops the sinks in the trainer only while "
@@ -139,6 +143,9 @@ def parse_args(argv=None):
         p.error("--rollout-shards must divide --prompts")
     if (args.prompts * args.group_size) % args.minibatches:
         p.error("--minibatches must divide prompts * group-size")
+    if args.batch_invariant and (args.sampler_dtype != "float32" or args.trainer_attention != "auto"):
+        p.error("--batch-invariant needs the sampler and trainer to run the same model: --sampler-dtype "
+                "float32 and --trainer-attention auto")
     args.name = args.name or f"{args.env}-s{args.seed}"
     try:
         args.sft_mix = {k: float(v) for k, v in (kv.split("=") for kv in args.sft_mix.split(","))}
@@ -625,6 +632,7 @@ def main(argv=None):
     tok_source = os.path.join(args.init_from, "tokenizer.json") if args.init_from else None
     harmony = E.Harmony(E.load_tokenizer(tok_source) if tok_source else E.toy_tokenizer())
     full_model = build_model(args, harmony).to(d.device)  # the sampler's weights (and the checkpoints')
+    full_model.set_batch_invariant(args.batch_invariant)  # a deepcopy for the trainer keeps the flag
     if full_model.config.vocab_size < harmony.vocab_size:
         sys.exit(f"error: the model's vocabulary ({full_model.config.vocab_size}) is smaller than the "
                  f"tokenizer's ({harmony.vocab_size})")
