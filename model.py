@@ -197,35 +197,43 @@ class RMSNorm(nn.Module):
         return (y * self.weight.to(x32.dtype)).to(x.dtype)
 
 
-# Batch invariance. On this CPU (torch 2.13, MKL) a matrix product gives each row the same bits
-# whatever the number of rows, once there are at least 4 of them; below that another kernel runs
-# and the last bits change (measured: F.linear, matmul, F.grouped_mm per group). So in the
-# batch-invariant mode every product has at least MIN_ROWS rows (8: a margin over the measured 4).
-# Row-wise reductions (RMSNorm, softmax, log_softmax, sums over the last dim) were measured to be
-# row-count invariant already and need nothing.
+# Batch invariance. On this CPU (torch 2.13, MKL) a matrix product with fewer than 4 rows runs
+# another kernel, and the last bits of each row change (measured: F.linear, matmul, F.grouped_mm
+# per group). With several threads MKL splits the rows into blocks of 8, so 9 rows on 2 threads
+# give one thread a single row and that kernel again. A row count that is a multiple of
+# MIN_ROWS = 8 avoids both: each row then has the same bits whatever the number of rows (measured
+# for 8..4096 rows on 1 and 2 threads). The batch-invariant mode pads every product to such a
+# count. Row-wise reductions (RMSNorm, softmax, log_softmax, sums over the last dim) were measured
+# to be row-count invariant already and need nothing.
 MIN_ROWS = 8
 
 
-def _with_min_rows(f, x, min_rows):
-    """f(x) for a row-wise f on x (..., K), computed as one 2-D product of at least min_rows rows
-    (zero rows appended when there are fewer, their results dropped)."""
+def _padded_rows(n: int, multiple: int) -> int:
+    """The smallest positive multiple of `multiple` >= n."""
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def _with_rows_multiple(f, x, multiple):
+    """f(x) for a row-wise f on x (..., K), computed as one 2-D product whose row count is a
+    positive multiple of `multiple` (zero rows appended, their results dropped)."""
     lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
     n = x2.shape[0]
-    if n < min_rows:
-        x2 = torch.cat([x2, x2.new_zeros(min_rows - n, x2.shape[1])])
+    pad = _padded_rows(n, multiple) - n
+    if pad:
+        x2 = torch.cat([x2, x2.new_zeros(pad, x2.shape[1])])
     return f(x2)[:n].reshape(*lead, -1)
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict names) that multiplies at least `min_rows` rows
-    when min_rows > 0 (the batch-invariant mode; see MIN_ROWS). min_rows = 0: plain nn.Linear."""
+    """nn.Linear (same parameters and state-dict names) whose product has a multiple of `min_rows`
+    rows when min_rows > 0 (the batch-invariant mode; see MIN_ROWS). min_rows = 0: plain nn.Linear."""
 
     min_rows = 0
 
     def forward(self, x):
         if not self.min_rows:
             return super().forward(x)
-        return _with_min_rows(super().forward, x, self.min_rows)
+        return _with_rows_multiple(super().forward, x, self.min_rows)
 
 
 def yarn_bounds(cfg: ModelConfig, truncate: bool | None = None) -> tuple[float, float]:
@@ -593,8 +601,8 @@ def invariant_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_p
       as in the trainer's sequences and the sampler's full caches (not a ring buffer), and the keys
       are zero-padded to whole BLOCK_K tiles. Every p @ v then sums the same BLOCK_K products in
       the same order for a query, whoever calls.
-    - Every query tile has at least MIN_ROWS rows (queries at position -1, which see nothing, fill
-      it up): below that the CPU matmul kernel changes (see MIN_ROWS).
+    - Every query tile has a multiple of MIN_ROWS rows (queries at position -1, which see
+      nothing, fill the last one up): otherwise the CPU matmul kernel changes (see MIN_ROWS).
     - Which tiles a call visits does not matter: a tile wholly masked for a query leaves its
       running max, sum and output exactly as they were (alpha = exp(0) = 1, p = 0).
     Cost: up to BLOCK_K - 1 padded keys per call (decoding pays the most) and a host sync for the
@@ -606,9 +614,9 @@ def invariant_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_p
     if not ((k_pos == index) | (k_pos < 0)).all():
         raise ValueError("invariant attention needs each key at the index of its position (key j at "
                          "position j, or an empty slot): a full cache, not a ring buffer")
-    min_q = -(-MIN_ROWS // G)  # queries per tile so that a tile has >= MIN_ROWS rows (G heads each)
-    last = Tq % BLOCK_Q or BLOCK_Q
-    pad_q, pad_k = max(0, min_q - last), -Tk % BLOCK_K
+    last = Tq % BLOCK_Q or BLOCK_Q  # queries in the last tile; a tile has G rows per query
+    pad_q = -(-_padded_rows(G * last, MIN_ROWS) // G) - last
+    pad_k = -Tk % BLOCK_K
     q = F.pad(q, (0, 0, 0, 0, 0, pad_q))
     k, v = F.pad(k, (0, 0, 0, 0, 0, pad_k)), F.pad(v, (0, 0, 0, 0, 0, pad_k))
     q_pos, k_pos = F.pad(q_pos, (0, pad_q), value=-1), F.pad(k_pos, (0, pad_k), value=-1)
@@ -842,11 +850,11 @@ def grouped_matmul(rows, w, ends):
     return torch.cat([rows[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends.tolist()))])
 
 
-def _pad_groups(rows, counts, min_rows):
-    """Rows grouped by expert (counts (E,)) -> each non-empty group zero-padded to at least
-    min_rows rows: (padded rows, padded counts, the expert of each padded row, the index of each
+def _pad_groups(rows, counts, multiple):
+    """Rows grouped by expert (counts (E,)) -> each non-empty group zero-padded to a multiple of
+    `multiple` rows: (padded rows, padded counts, the expert of each padded row, the index of each
     original row in the padded tensor)."""
-    padded = torch.where(counts > 0, counts.clamp(min=min_rows), 0)
+    padded = (counts + multiple - 1) // multiple * multiple  # empty groups stay empty
     experts = torch.arange(len(counts), device=rows.device)
     expert = torch.repeat_interleave(experts, counts)  # (S,) of the original rows
     start, padded_start = counts.cumsum(0) - counts, padded.cumsum(0) - padded  # (E,) group starts
@@ -857,7 +865,7 @@ def _pad_groups(rows, counts, min_rows):
 
 class Experts(nn.Module):
     """E experts, each a clamped SwiGLU MLP. Weights in the HF bf16-form layout [in, out].
-    min_rows > 0 (the batch-invariant mode): every expert's product has at least that many rows."""
+    min_rows > 0 (the batch-invariant mode): every expert's product has a multiple of that many rows."""
 
     min_rows = 0
 
@@ -894,7 +902,7 @@ class Experts(nn.Module):
         expert, order = torch.sort(flat, stable=True)  # pairs grouped by expert
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])  # (E,)
         rows = x[order // k]  # (N*k, H): each pair's token, in expert order
-        if self.min_rows:  # batch-invariant mode: no expert multiplies fewer than min_rows rows
+        if self.min_rows:  # batch-invariant mode: every expert multiplies a multiple of min_rows rows
             rows, counts, expert, keep = _pad_groups(rows, counts, self.min_rows)
         ends = counts.cumsum(0)
         h = grouped_matmul(rows, self.gate_up_proj, ends) + self.gate_up_proj_bias[expert]  # (N*k, 2I)
@@ -978,7 +986,7 @@ class Transformer(nn.Module):
     def set_batch_invariant(self, on: bool = True):
         """The batch-invariant mode: a token's log-prob gets the same bits whatever else is computed
         with it (rows in the batch, cached positions, prefill or decode), so a sampler and a trainer
-        running this model agree bit for bit. Every matrix product has >= MIN_ROWS rows and
+        running this model agree bit for bit. Every matrix product has a multiple of MIN_ROWS rows and
         attention runs the "invariant" backend (key tiles in absolute positions). Off: the default
         kernels and backend choice. A caching sampler must keep keys at their positions (full
         caches; sampler.py does when the model's flag is on)."""
