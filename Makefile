@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 VLLM_VENV := .venv-vllm
 
-.PHONY: install install-dev train test test-fast vllm-venv clean
+.PHONY: install install-dev train test test-fast experiments vllm-venv clean
 
 # The stamps make the venv a prerequisite that is skipped when it is up to date.
 $(VENV)/.runtime: requirements.txt
@@ -30,6 +30,10 @@ vllm-venv: $(VLLM_VENV)/.installed
 
 train: $(VENV)/.runtime
 	$(BIN)/python train.py $(ARGS)
+
+# The retrospective at toy scale (experiments.py): about 45 minutes on 2 cores; results/ gets the table and plots.
+experiments: $(VENV)/.runtime
+	$(BIN)/python experiments.py $(ARGS)
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q

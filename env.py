@@ -671,19 +671,30 @@ class Env:
         """The scripted policy's next assistant message (text, stop token included) for the current state."""
         raise NotImplementedError
 
+    def in_blind_spot(self) -> bool:
+        """Whether the current task is of the kind the scripted expert is overconfident about (it
+        answers those from memory more often: see expert_episode's p_blind_spot). None by default."""
+        return False
+
     def expert_episode(self, seed: int, p_skip_tool: float = 0.0, p_mistake: float = 0.0,
-                       rng: random.Random | None = None) -> Episode:
+                       rng: random.Random | None = None, p_blind_spot: float = 0.0) -> Episode:
         """Play episode `seed` with the scripted expert, through reset/step like a live rollout.
 
         p_skip_tool: probability that the expert answers at once from memory (usually wrong)
-        instead of calling the tool. p_mistake: probability of a wrong step (calculator: a typo in
-        the expression; lookup: searching the wrong name; guess: a guess at the edge of the
-        feasible interval instead of its midpoint, per guess). p_skip_tool is decided on the first
-        turn only. With both 0 the expert gets reward 1 on every seed.
+        instead of calling the tool. p_blind_spot: the same probability on the kind of task the
+        expert thinks it can do in its head (in_blind_spot(): calculator a+b*c questions, lookup
+        questions about lockers), when larger. Above 0.5 a model that imitates the expert answers
+        those from memory when decoding greedily, yet still calls the tool on some samples: a
+        systematic error that RL can find and fix. p_mistake: probability of a wrong step
+        (calculator: a typo in the expression; lookup: searching the wrong name; guess: a guess at
+        the edge of the feasible interval instead of its midpoint, per guess). Skipping is decided
+        on the first turn only. With all 0 the expert gets reward 1 on every seed.
         rng defaults to one seeded from the seed, so demonstrations are reproducible.
         """
         rng = rng or random.Random(f"expert:{self.name}:{seed}")
         prompt = self.reset(seed)
+        if self.in_blind_spot():
+            p_skip_tool = max(p_skip_tool, p_blind_spot)
         ids, mask = list(prompt.token_ids), [0] * len(prompt.token_ids)
         while True:
             gen = self.harmony.encode(self.expert_action(rng, p_skip_tool, p_mistake))
@@ -837,6 +848,9 @@ class CalculatorEnv(Env):
         r = calculator_reward(answer, self.answer)
         return r, r == 1.0, "correct" if r == 1.0 else "wrong_answer"
 
+    def in_blind_spot(self):
+        return self.expr.index("+") < self.expr.index("*")  # a+b*c: "surely I can do that"
+
     def expert_action(self, rng=None, p_skip_tool=0.0, p_mistake=0.0):
         rng = rng or random.Random()
         if self.replies:  # copy the calculator's result
@@ -900,6 +914,9 @@ class LookupEnv(Env):
     def _final(self, answer):
         r = lookup_reward(answer, self.answer)
         return r, r == 1.0, "correct" if r == 1.0 else "wrong_answer"
+
+    def in_blind_spot(self):
+        return self.attribute == "locker"  # "I remember everyone's locker"
 
     def expert_action(self, rng=None, p_skip_tool=0.0, p_mistake=0.0):
         rng = rng or random.Random()
@@ -1006,9 +1023,12 @@ class MixEnv:
     def expert_action(self, rng=None, p_skip_tool=0.0, p_mistake=0.0) -> str:
         return self.current.expert_action(rng, p_skip_tool, p_mistake)
 
-    def expert_episode(self, seed: int, p_skip_tool=0.0, p_mistake=0.0, rng=None) -> Episode:
+    def in_blind_spot(self) -> bool:
+        return self.current.in_blind_spot()
+
+    def expert_episode(self, seed: int, p_skip_tool=0.0, p_mistake=0.0, rng=None, p_blind_spot=0.0) -> Episode:
         self.current = self.env_for(seed)
-        return self.current.expert_episode(seed, p_skip_tool, p_mistake, rng)
+        return self.current.expert_episode(seed, p_skip_tool, p_mistake, rng, p_blind_spot)
 
     def transcript(self, ids, raw=False) -> str:
         return self.harmony.transcript(ids, raw)

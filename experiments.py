@@ -1,6 +1,7 @@
 """Reproduce the retrospective at toy scale: mismatch, collapse, correction, fix.
 
-    python experiments.py                 # the grid below, 2 seeds, 2 jobs: results/table.md + PNGs
+    python experiments.py                 # the grid below, seed 0, 2 jobs: results/table.md + PNGs (~45 min)
+    python experiments.py --seeds 0 1     # and a second seed (about twice as long; finished runs are reused)
     python experiments.py --quick         # a seconds-long smoke run of the same pipeline
     python experiments.py --analyze-only  # table and plots again from results/runs/*/metrics.jsonl
 
@@ -68,7 +69,8 @@ def parse_args(argv=None):
     g.add_argument("--quick", action="store_true",
                    help="smoke run: tiny model, a few steps, one seed, 'none' and 'nosink' with 'off' and "
                         "'seq-mis' (checks the pipeline; the numbers mean nothing)")
-    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (one warm start each)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="seeds (one warm start each); each seed costs about 45 minutes on 2 cores")
     g.add_argument("--mismatches", nargs="+", default=list(MISMATCHES), choices=list(MISMATCHES),
                    help="grid rows")
     g.add_argument("--corrections", nargs="+", default=CORRECTIONS, help="grid columns (ppo.CORRECTION_PRESETS names)")
@@ -171,11 +173,18 @@ def plan(args) -> list[Run]:
     return runs
 
 
-def code_hash() -> str:
+def snapshot_code(out: str) -> str:
+    """Copy the project's code to <out>/runs/.code and return its hash: every run of one invocation
+    runs that copy, so editing train.py while the grid runs changes none of its runs."""
+    dest = os.path.join(out, "runs", ".code")
+    os.makedirs(dest, exist_ok=True)
     h = hashlib.sha256()
     for name in CODE:
         with open(os.path.join(HERE, name), "rb") as f:
-            h.update(name.encode() + f.read())
+            text = f.read()
+        h.update(name.encode() + text)
+        with open(os.path.join(dest, name), "wb") as f:
+            f.write(text)
     return h.hexdigest()[:16]
 
 
@@ -208,17 +217,17 @@ def finished(out: str, run: Run, code: str) -> bool:
         return False
 
 
-def train_has_sink_init() -> bool:
-    """Whether train.py itself takes --sink-init (then it runs the warm start, not this script)."""
-    with open(os.path.join(HERE, "train.py")) as f:
-        return '"--sink-init"' in f.read()
-
-
 def command(run: Run, out: str) -> list[str]:
+    """The run's process: the snapshot's train.py (its directory comes first on sys.path, so it
+    imports the snapshot's modules), or this script for a warm start with planted sinks when
+    train.py has no --sink-init of its own."""
+    code = os.path.join(out, "runs", ".code")
     argv = [*run.argv, "--out", os.path.join(out, "runs"), "--name", run.name]
-    if "--sink-init" in argv and not train_has_sink_init():  # planted sinks: the warm start runs here
-        return [sys.executable, os.path.abspath(__file__), "--warm-start-with-sinks", *argv]
-    return [sys.executable, os.path.join(HERE, "train.py"), *argv]
+    if "--sink-init" in argv:
+        with open(os.path.join(code, "train.py")) as f:
+            if '"--sink-init"' not in f.read():
+                return [sys.executable, os.path.abspath(__file__), "--warm-start-with-sinks", code, *argv]
+    return [sys.executable, os.path.join(code, "train.py"), *argv]
 
 
 def steps_logged(out: str, run: Run) -> int:
@@ -234,20 +243,43 @@ def steps_logged(out: str, run: Run) -> int:
 def execute(runs: list[Run], args) -> None:
     """Run what is not finished, up to --jobs at a time, warm starts before the runs that need them."""
     from tqdm import tqdm
-    code = code_hash()
-    for run in runs:
-        if not args.fresh and finished(args.out, run, code):
+    code = snapshot_code(args.out)
+    by_name = {r.name: r for r in runs}
+    for run in runs:  # warm starts come first: a run whose warm start reruns reruns too
+        dep = by_name.get(run.needs) if run.needs else None
+        if not args.fresh and finished(args.out, run, code) and (dep is None or dep.status == "reused"):
             run.status = "reused"
     todo = [r for r in runs if r.status == "pending"]
     reused = len(runs) - len(todo)
     print(f"{len(runs)} runs: {reused} reused (finished, same options and code), {len(todo)} to run, "
           f"{args.jobs} at a time, 1 thread each; logs in {os.path.join(args.out, 'runs', '<run>', 'train.log')}")
-    by_name = {r.name: r for r in runs}
     running: dict[str, tuple[subprocess.Popen, object, float]] = {}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    bar = tqdm(total=sum(r.total_steps for r in todo), unit="step", dynamic_ncols=True, desc="experiments")
-    base = 0  # steps of the runs that ended
+    bar = tqdm(total=round(sum(cost(r) for r in todo)), unit="RL step", dynamic_ncols=True, desc="experiments",
+               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} {unit}s [{elapsed}<{remaining}] {postfix}")
+    base = 0.0  # work of the runs that ended
     t0 = time.time()
+    try:
+        loop(todo, running, by_name, args, code, env, bar, base)
+    finally:  # Ctrl-C or an error: stop the processes this runner started
+        for proc, log, _ in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+    bar.close()
+    print(f"runs finished in {time.time() - t0:.0f} s")
+
+
+SFT_STEP_COST = 0.15  # a supervised step costs about this many RL steps (measured: 0.38 s vs 2.5 s of CPU)
+
+
+def cost(run: Run, steps: int | None = None) -> float:
+    """Progress units: RL steps, with supervised steps converted at SFT_STEP_COST."""
+    steps = run.total_steps if steps is None else min(steps, run.total_steps)
+    return steps * (SFT_STEP_COST if run.kind == "warm" else 1.0)
+
+
+def loop(todo, running, by_name, args, code, env, bar, base):
     while todo or running:
         for run in list(todo):
             if len(running) >= args.jobs:
@@ -258,7 +290,7 @@ def execute(runs: list[Run], args) -> None:
             todo.remove(run)
             if dep is not None and dep.status in ("failed", "skipped"):
                 run.status, run.info["error"] = "skipped", f"warm start {dep.name} failed"
-                base += run.total_steps
+                base += cost(run)
                 continue
             run_dir = os.path.join(args.out, "runs", run.name)
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -287,14 +319,12 @@ def execute(runs: list[Run], args) -> None:
                 run.info["error"] = last_line(os.path.join(run_dir, "train.log"))
                 with open(os.path.join(run_dir, "failed.json"), "w") as f:
                     json.dump({"returncode": proc.returncode, "error": run.info["error"]}, f, indent=2)
-                tqdm.write(f"{name}: exit {proc.returncode}: {run.info['error']}")
-            base += run.total_steps
-        bar.n = base + sum(min(steps_logged(args.out, by_name[n]), by_name[n].total_steps) for n in running)
+                bar.write(f"{name}: exit {proc.returncode}: {run.info['error']}")
+            base += cost(run)
+        bar.n = base + sum(cost(by_name[n], steps_logged(args.out, by_name[n])) for n in running)
         bar.set_postfix_str(" ".join(sorted(running)))
         bar.refresh()
         time.sleep(1.0)
-    bar.close()
-    print(f"runs finished in {time.time() - t0:.0f} s")
 
 
 def last_line(path: str) -> str:
@@ -314,6 +344,8 @@ def warm_start_with_sinks(argv: list[str]) -> None:
     """train.py's warm start with every attention sink initialised to --sink-init: the same model,
     demonstrations and optimiser as `train.py --steps 0` (train.py's own functions), then the
     HF-format checkpoint in <out>/<name>/checkpoints/step-000000 and the warm-start evaluation."""
+    code, argv = argv[0], argv[1:]
+    sys.path.insert(0, os.path.abspath(code))  # the runner's snapshot of the project's modules
     i = argv.index("--sink-init")
     value, argv = float(argv[i + 1]), argv[:i] + argv[i + 2:]
     import torch
@@ -447,7 +479,9 @@ def sci(x):
     """Small positive quantities (KL, chi2, probability gaps) in scientific notation; exact zeros as 0."""
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
-    return "0" if x == 0 else f"{x:.1e}"
+    if x == 0:
+        return "0"
+    return "< 1e-9" if abs(x) < 1e-9 else f"{x:.1e}"  # k3 >= 0 in exact arithmetic; rounding gives +-1e-11
 
 
 def collect(out: str, env_name: str) -> dict:
@@ -538,7 +572,8 @@ def render_table(data: dict) -> str:
     meta = data["meta"]
     lines = ["# Mismatch, collapse, correction, fix: results", ""]
     if meta.get("command"):
-        lines += [f"Command: `{meta['command']}`" + (f"; wall time {meta['wall_s'] / 60:.1f} min" if meta.get("wall_s") else ""), ""]
+        lines += [f"Command: `{meta['command']}`" + (f"; wall time {meta['wall_s'] / 60:.1f} min" if meta.get("wall_s") else "")
+                  + (f", {meta['cpu_s'] / 60:.1f} CPU-minutes in the runs" if meta.get("cpu_s") else "") + ".", ""]
     if meta.get("setup"):
         lines += [meta["setup"], ""]
     seeds = sorted({s for g in data["grid"] for s in g["seeds"]})
@@ -621,7 +656,11 @@ def seed_mean(members: list[dict], key: str) -> tuple[list[int], list[float]]:
 def plot(runs: dict, out: str, mismatches: list[str], corrections: list[str]) -> list[str]:
     """One PNG per metric: a panel per mismatch, a line per correction (mean over seeds, smoothed
     over 5 steps; the unsmoothed mean faint behind it); the ratio check in ratio_check.png."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("no plots: matplotlib is not installed (make install-dev, or pip install matplotlib)")
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     written = []
@@ -684,6 +723,14 @@ def plot(runs: dict, out: str, mismatches: list[str], corrections: list[str]) ->
 # ----------------------------------------------------------------------------------------------
 
 
+def children_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes: the runs' cost without the
+    machine's other load (wall time on a shared machine says more about the neighbours)."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def setup_line(args) -> str:
     return (f"Setup: env {args.env}, preset {args.preset}; warm start {args.sft_steps} supervised steps x "
             f"{args.sft_batch} demonstrations (lr {args.sft_lr}, skip-tool {args.demo_skip_tool}, mistakes "
@@ -698,13 +745,20 @@ def main(argv=None):
     if argv[:1] == ["--warm-start-with-sinks"]:
         return warm_start_with_sinks(argv[1:])
     args = parse_args(argv)
-    t0 = time.time()
+    t0, cpu0 = time.time(), children_cpu()
     if not args.analyze_only:
         execute(plan(args), args)
     command_line = "python experiments.py" + ("" if not argv else " " + " ".join(argv))
     meta = {"command": command_line, "setup": setup_line(args), "seeds": args.seeds}
+    if args.analyze_only:  # keep what the run that made these results recorded
+        try:
+            with open(os.path.join(args.out, "table.json")) as f:
+                meta = json.load(f)["meta"] or meta
+        except (OSError, ValueError, KeyError):
+            pass
     if not args.analyze_only:
         meta["wall_s"] = round(time.time() - t0, 1)
+        meta["cpu_s"] = round(children_cpu() - cpu0, 1)  # of the runs that ran now (reused ones cost nothing)
     data = analyze(args.out, args.env, args.mismatches, args.corrections, meta)
     with open(os.path.join(args.out, "table.md")) as f:
         print(f.read())

@@ -229,6 +229,17 @@ def test_imperfect_expert_stays_well_formed_and_leaves_room(name):
     assert mean([e.expert_episode(s, p_skip_tool=0.1, p_mistake=0.1) for s in range(200)]) > 0.6
 
 
+@pytest.mark.parametrize("name,kind", [("calculator", lambda e: "+" in e.expr.split("*")[0]),
+                                       ("lookup", lambda e: e.attribute == "locker")])
+def test_blind_spot_skips_the_tool_on_one_kind_of_question_only(name, kind):
+    e = env.make_env(name)
+    for s in range(60):
+        ep = e.expert_episode(s, p_blind_spot=1.0)
+        assert e.in_blind_spot() == kind(e)
+        assert (ep.turns == 1) == kind(e)  # answered from memory at once exactly on the blind spot
+    assert not env.make_env("guess").in_blind_spot()  # every guess prompt is the same: no kind to single out
+
+
 def random_tokens(rng: random.Random, h: env.Harmony, structured: list[int]) -> list[int]:
     n = rng.randrange(0, 60)
     ids = [rng.choice(structured) if rng.random() < 0.5 else rng.randrange(0, 2048) for _ in range(n)]

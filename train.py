@@ -79,6 +79,10 @@ def parse_args(argv=None):
     g.add_argument("--sft-lr", type=float, default=3e-3, help="supervised learning rate")
     g.add_argument("--demo-skip-tool", type=float, default=0.2,
                    help="probability that a demonstration answers from memory instead of calling the tool")
+    g.add_argument("--demo-blind-spot", type=float, default=0.75,
+                   help="probability of answering from memory on the kind of question the expert is overconfident "
+                        "about (calculator: a+b*c; lookup: lockers); above 0.5 the warm-started model does it "
+                        "greedily, and RL has to find out that the tool pays there too")
     g.add_argument("--demo-mistake", type=float, default=0.2,
                    help="probability of a wrong step in a demonstration (typo, wrong name, non-bisecting guess)")
     g.add_argument("--sft-mix", default="calculator=1,lookup=1,guess=1",
@@ -351,10 +355,11 @@ def curriculum(args, last_eval: dict) -> dict:
     return {e: 0.1 + 1.0 - last_eval.get(f"eval/{e}/success", 0.0) for e in env_names(args)}
 
 
-def demonstrations(envs: list, seeds: list[int], skip_tool: float, mistake: float, buckets: int):
-    """Expert episodes as (tokens, mask) pairs, sorted by length into `buckets` groups so little
-    compute goes to padding (episodes range from ~40 to ~120 tokens)."""
-    eps = [env.expert_episode(s, p_skip_tool=skip_tool, p_mistake=mistake) for env, s in zip(envs, seeds)]
+def demonstrations(envs: list, seeds: list[int], args, buckets: int):
+    """Expert episodes as (tokens, mask) pairs, with the --demo-* imperfections, sorted by length
+    into `buckets` groups so little compute goes to padding (episodes range from ~40 to ~120 tokens)."""
+    eps = [env.expert_episode(s, p_skip_tool=args.demo_skip_tool, p_mistake=args.demo_mistake,
+                              p_blind_spot=args.demo_blind_spot) for env, s in zip(envs, seeds)]
     eps.sort(key=lambda e: len(e.token_ids))
     size = -(-len(eps) // buckets)
     return [(pad([e.token_ids for e in part]), pad([e.loss_mask for e in part], torch.bool))
@@ -375,7 +380,7 @@ def warm_start(model, args, harmony, log, d: Dist):
         seeds = [(args.seed * 7919 + step) * args.sft_batch + i for i in range(args.sft_batch)]
         names = choose_envs(args, args.sft_mix, args.sft_batch, f"sft:{step}")
         envs = pool.take(names[d.rank::d.world])
-        batches = demonstrations(envs, seeds[d.rank::d.world], args.demo_skip_tool, args.demo_mistake, buckets=4)
+        batches = demonstrations(envs, seeds[d.rank::d.world], args, buckets=4)
         n_tokens = d.sum([sum(int(mask[:, 1:].sum()) for _, mask in batches)])[0]
         opt.zero_grad(set_to_none=True)
         loss = 0.0
