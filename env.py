@@ -636,6 +636,7 @@ class Env:
     def reset(self, seed: int) -> Prompt:
         """Start the episode of `seed` (same seed, same episode). The prompt ends with <|start|>assistant."""
         self.seed, self.turn, self.replies = seed, 0, []
+        self.blind = False  # the scripted expert makes its systematic error (set by expert_episode)
         self._outcome = None
         self._active = True
         user = self._new_task(random.Random(f"{self.name}:{seed}"))
@@ -672,8 +673,8 @@ class Env:
         raise NotImplementedError
 
     def in_blind_spot(self) -> bool:
-        """Whether the current task is of the kind the scripted expert is overconfident about (it
-        answers those from memory more often: see expert_episode's p_blind_spot). None by default."""
+        """Whether the current task is of the kind the scripted expert gets systematically wrong
+        (see expert_episode's p_blind_spot). None by default."""
         return False
 
     def expert_episode(self, seed: int, p_skip_tool: float = 0.0, p_mistake: float = 0.0,
@@ -681,20 +682,20 @@ class Env:
         """Play episode `seed` with the scripted expert, through reset/step like a live rollout.
 
         p_skip_tool: probability that the expert answers at once from memory (usually wrong)
-        instead of calling the tool. p_blind_spot: the same probability on the kind of task the
-        expert thinks it can do in its head (in_blind_spot(): calculator a+b*c questions, lookup
-        questions about lockers), when larger. Above 0.5 a model that imitates the expert answers
-        those from memory when decoding greedily, yet still calls the tool on some samples: a
-        systematic error that RL can find and fix. p_mistake: probability of a wrong step
-        (calculator: a typo in the expression; lookup: searching the wrong name; guess: a guess at
-        the edge of the feasible interval instead of its midpoint, per guess). Skipping is decided
-        on the first turn only. With all 0 the expert gets reward 1 on every seed.
+        instead of calling the tool. p_blind_spot: probability of the expert's systematic error on
+        the kind of task it gets wrong (in_blind_spot()): calculator a+b*c questions it types as
+        (a+b)*c (operator precedence misread); lookup questions about lockers it answers from
+        memory ("I remember everyone's locker"). Above 0.5 a model that imitates the expert makes
+        the error when decoding greedily, yet avoids it on some samples: an error RL can find and
+        fix. p_mistake: probability of a wrong step (calculator: a typo in the expression;
+        lookup: searching the wrong name; guess: a guess at the edge of the feasible interval
+        instead of its midpoint, per guess). Skipping is decided on the first turn only. With all
+        0 the expert gets reward 1 on every seed.
         rng defaults to one seeded from the seed, so demonstrations are reproducible.
         """
         rng = rng or random.Random(f"expert:{self.name}:{seed}")
         prompt = self.reset(seed)
-        if self.in_blind_spot():
-            p_skip_tool = max(p_skip_tool, p_blind_spot)
+        self.blind = self.in_blind_spot() and rng.random() < p_blind_spot
         ids, mask = list(prompt.token_ids), [0] * len(prompt.token_ids)
         while True:
             gen = self.harmony.encode(self.expert_action(rng, p_skip_tool, p_mistake))
@@ -849,7 +850,7 @@ class CalculatorEnv(Env):
         return r, r == 1.0, "correct" if r == 1.0 else "wrong_answer"
 
     def in_blind_spot(self):
-        return self.expr.index("+") < self.expr.index("*")  # a+b*c: "surely I can do that"
+        return self.expr.index("+") < self.expr.index("*")  # a+b*c, which it reads as (a+b)*c
 
     def expert_action(self, rng=None, p_skip_tool=0.0, p_mistake=0.0):
         rng = rng or random.Random()
@@ -858,6 +859,9 @@ class CalculatorEnv(Env):
         if rng.random() < p_skip_tool:
             return completion(final(_memory_answer(self.answer, rng)))
         expr = self.expr
+        if self.blind:  # operator precedence misread: a+b*c typed as (a+b)*c
+            sum_part, c = expr.split("*")
+            expr = f"({sum_part})*{c}"
         if rng.random() < p_mistake:  # a typo: one digit of the expression changed
             pos = [i for i, ch in enumerate(expr) if ch.isdigit()]
             i = rng.choice(pos)
@@ -922,7 +926,7 @@ class LookupEnv(Env):
         rng = rng or random.Random()
         if self.replies:  # answer with what the tool returned
             return completion(final(self.replies[-1]))
-        if rng.random() < p_skip_tool:  # a guess from the field's range of values
+        if self.blind or rng.random() < p_skip_tool:  # a guess from the field's range of values
             return completion(final(str(rng.randrange(100, 1000))))
         name = self.record["name"]
         if rng.random() < p_mistake and len(self.db) > 1:  # the wrong person: a wrong answer

@@ -231,12 +231,17 @@ def test_imperfect_expert_stays_well_formed_and_leaves_room(name):
 
 @pytest.mark.parametrize("name,kind", [("calculator", lambda e: "+" in e.expr.split("*")[0]),
                                        ("lookup", lambda e: e.attribute == "locker")])
-def test_blind_spot_skips_the_tool_on_one_kind_of_question_only(name, kind):
+def test_blind_spot_errs_on_one_kind_of_question_only(name, kind):
     e = env.make_env(name)
     for s in range(60):
         ep = e.expert_episode(s, p_blind_spot=1.0)
-        assert e.in_blind_spot() == kind(e)
-        assert (ep.turns == 1) == kind(e)  # answered from memory at once exactly on the blind spot
+        assert e.in_blind_spot() == kind(e) == e.blind
+        assert ep.success != kind(e)  # the systematic error costs exactly the blind-spot episodes
+        text = e.harmony.decode(ep.token_ids)
+        if name == "calculator":  # the precedence misread: (a+b)*c
+            assert ("(" in text.split("<|call|>")[0]) == kind(e)
+        else:  # lockers answered from memory at once
+            assert (ep.turns == 1) == kind(e)
     assert not env.make_env("guess").in_blind_spot()  # every guess prompt is the same: no kind to single out
 
 

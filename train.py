@@ -74,24 +74,24 @@ def parse_args(argv=None):
     g.add_argument("--out", default="runs", help="output root directory")
     g.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     g = p.add_argument_group("warm start (supervised, on imperfect expert demonstrations)")
-    g.add_argument("--sft-steps", type=int, default=500, help="supervised steps (0: none)")
+    g.add_argument("--sft-steps", type=int, default=700, help="supervised steps (0: none)")
     g.add_argument("--sft-batch", type=int, default=32, help="demonstrations per supervised step")
     g.add_argument("--sft-lr", type=float, default=3e-3, help="supervised learning rate")
     g.add_argument("--demo-skip-tool", type=float, default=0.2,
                    help="probability that a demonstration answers from memory instead of calling the tool")
     g.add_argument("--demo-blind-spot", type=float, default=0.75,
-                   help="probability of answering from memory on the kind of question the expert is overconfident "
-                        "about (calculator: a+b*c; lookup: lockers); above 0.5 the warm-started model does it "
-                        "greedily, and RL has to find out that the tool pays there too")
+                   help="probability of the expert's systematic error on one kind of question: calculator a+b*c "
+                        "typed as (a+b)*c, lookup questions about lockers answered from memory; above 0.5 the "
+                        "warm-started model makes it greedily, and RL has to find and fix it")
     g.add_argument("--demo-mistake", type=float, default=0.2,
                    help="probability of a wrong step in a demonstration (typo, wrong name, non-bisecting guess)")
-    g.add_argument("--sft-mix", default="calculator=1,lookup=1,guess=1",
+    g.add_argument("--sft-mix", default="calculator=2,lookup=1,guess=1",
                    help="with --env mix: relative share of each environment in the demonstrations")
     g = p.add_argument_group("reinforcement learning")
     g.add_argument("--steps", type=int, default=60, help="RL steps (one rollout batch and update each)")
     g.add_argument("--prompts", type=int, default=12, help="distinct episodes (prompts) per step")
     g.add_argument("--group-size", type=int, default=8, help="rollouts per prompt (the GRPO group)")
-    g.add_argument("--lr", type=float, default=3e-4, help="RL learning rate (AdamW)")
+    g.add_argument("--lr", type=float, default=1e-4, help="RL learning rate (AdamW)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     g.add_argument("--advantage", default="grpo", choices=["grpo", "dr-grpo", "rloo"], help="advantage estimator")
     g.add_argument("--loss-agg", default="token-mean",
