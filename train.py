@@ -88,7 +88,7 @@ def parse_args(argv=None):
     g.add_argument("--sft-mix", default="calculator=2,lookup=1,guess=1",
                    help="with --env mix: relative share of each environment in the demonstrations")
     g = p.add_argument_group("reinforcement learning")
-    g.add_argument("--steps", type=int, default=60, help="RL steps (one rollout batch and update each)")
+    g.add_argument("--steps", type=int, default=100, help="RL steps (one rollout batch and update each)")
     g.add_argument("--prompts", type=int, default=12, help="distinct episodes (prompts) per step")
     g.add_argument("--group-size", type=int, default=8, help="rollouts per prompt (the GRPO group)")
     g.add_argument("--lr", type=float, default=1e-4, help="RL learning rate (AdamW)")
