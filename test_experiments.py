@@ -30,7 +30,7 @@ def write_run(root, name, steps, *, kl=0.0, ppo_kl=0.0, clip=0.0, success=0.5, r
 
 
 def test_plan_is_the_grid_with_explicit_options():
-    args = X.parse_args(["--out", "R", "--steps", "7"])
+    args = X.parse_args(["--out", "R", "--steps", "7", "--seeds", "0", "1"])
     runs = X.plan(args)
     warm = [r for r in runs if r.kind == "warm"]
     cells = [r for r in runs if r.kind == "cell"]
@@ -44,6 +44,7 @@ def test_plan_is_the_grid_with_explicit_options():
     bf16 = next(r for r in cells if r.name == "bf16.off-s0").argv
     assert bf16[bf16.index("--sampler-dtype") + 1] == "bfloat16" and "--trainer-attention" not in bf16
     assert "--steps" in warm[0].argv and warm[0].argv[warm[0].argv.index("--steps") + 1] == "0"
+    assert X.parse_args([]).seeds == [0]  # the default fits make experiments in well under an hour
 
 
 def test_analysis_writes_table_json_and_plots(tmp_path):
