@@ -36,6 +36,13 @@ def test_run_writes_metrics_and_a_checkpoint_that_loads(tmp_path):
     assert ckpt.endswith("step-000002")
     loaded = M.Transformer.from_pretrained(ckpt)
     assert os.path.exists(os.path.join(ckpt, "tokenizer.json"))
+    # vLLM reads every *.safetensors at the top of the directory: only the model's may be there
+    assert [f for f in os.listdir(ckpt) if f.endswith(".safetensors")] == ["model.safetensors"]
+    from transformers import GptOssForCausalLM
+    hf = GptOssForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert (hf(ids).logits - loaded(ids)).abs().max().item() < 1e-4
     assert loaded.config.vocab_size == E.toy_tokenizer().get_vocab_size() and loaded.config.num_hidden_layers == 4
 
 

