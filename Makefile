@@ -31,7 +31,7 @@ vllm-venv: $(VLLM_VENV)/.installed
 train: $(VENV)/.runtime
 	$(BIN)/python train.py $(ARGS)
 
-# The retrospective at toy scale (experiments.py): about 45 minutes on 2 cores; results/ gets the table and plots.
+# The retrospective at toy scale (experiments.py): about 25 minutes on 2 cores; results/ gets the table and plots.
 experiments: $(VENV)/.runtime
 	$(BIN)/python experiments.py $(ARGS)
 

@@ -1,6 +1,6 @@
 """Reproduce the retrospective at toy scale: mismatch, collapse, correction, fix.
 
-    python experiments.py                 # the grid below, seed 0, 2 jobs: results/table.md + PNGs (~45 min)
+    python experiments.py                 # the grid below, seed 0, 2 jobs: results/table.md + PNGs (~25 min)
     python experiments.py --seeds 0 1     # and a second seed (about twice as long; finished runs are reused)
     python experiments.py --quick         # a seconds-long smoke run of the same pipeline
     python experiments.py --analyze-only  # table and plots again from results/runs/*/metrics.jsonl
@@ -70,7 +70,7 @@ def parse_args(argv=None):
                    help="smoke run: tiny model, a few steps, one seed, 'none' and 'nosink' with 'off' and "
                         "'seq-mis' (checks the pipeline; the numbers mean nothing)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0],
-                   help="seeds (one warm start each); each seed costs about 45 minutes on 2 cores")
+                   help="seeds (one warm start each); each seed costs about 25 minutes on 2 cores")
     g.add_argument("--mismatches", nargs="+", default=list(MISMATCHES), choices=list(MISMATCHES),
                    help="grid rows")
     g.add_argument("--corrections", nargs="+", default=CORRECTIONS, help="grid columns (ppo.CORRECTION_PRESETS names)")
