@@ -850,16 +850,15 @@ def grouped_matmul(rows, w, ends):
     return torch.cat([rows[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends.tolist()))])
 
 
-def _pad_groups(rows, counts, multiple):
-    """Rows grouped by expert (counts (E,)) -> each non-empty group zero-padded to a multiple of
-    `multiple` rows: (padded rows, padded counts, the expert of each padded row, the index of each
-    original row in the padded tensor)."""
+def _pad_groups(rows, expert, counts, multiple):
+    """Rows grouped by expert (expert (S,) of each row, counts (E,)) -> each non-empty group
+    zero-padded to a multiple of `multiple` rows: (padded rows, padded counts, the expert of each
+    padded row, the index of each original row in the padded tensor)."""
     padded = (counts + multiple - 1) // multiple * multiple  # empty groups stay empty
-    experts = torch.arange(len(counts), device=rows.device)
-    expert = torch.repeat_interleave(experts, counts)  # (S,) of the original rows
     start, padded_start = counts.cumsum(0) - counts, padded.cumsum(0) - padded  # (E,) group starts
     keep = torch.arange(rows.shape[0], device=rows.device) + (padded_start - start)[expert]
     out = rows.new_zeros(int(padded.sum()), rows.shape[1]).index_copy(0, keep, rows)
+    experts = torch.arange(len(counts), device=rows.device)
     return out, padded, torch.repeat_interleave(experts, padded), keep
 
 
@@ -903,7 +902,7 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])  # (E,)
         rows = x[order // k]  # (N*k, H): each pair's token, in expert order
         if self.min_rows:  # batch-invariant mode: every expert multiplies a multiple of min_rows rows
-            rows, counts, expert, keep = _pad_groups(rows, counts, self.min_rows)
+            rows, counts, expert, keep = _pad_groups(rows, expert, counts, self.min_rows)
         ends = counts.cumsum(0)
         h = grouped_matmul(rows, self.gate_up_proj, ends) + self.gate_up_proj_bias[expert]  # (N*k, 2I)
         y = grouped_matmul(self.activation(h), self.down_proj, ends) + self.down_proj_bias[expert]
