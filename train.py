@@ -74,7 +74,7 @@ def parse_args(argv=None):
     g.add_argument("--out", default="runs", help="output root directory")
     g.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     g = p.add_argument_group("warm start (supervised, on imperfect expert demonstrations)")
-    g.add_argument("--sft-steps", type=int, default=700, help="supervised steps (0: none)")
+    g.add_argument("--sft-steps", type=int, default=1000, help="supervised steps (0: none)")
     g.add_argument("--sft-batch", type=int, default=32, help="demonstrations per supervised step")
     g.add_argument("--sft-lr", type=float, default=3e-3, help="supervised learning rate")
     g.add_argument("--demo-skip-tool", type=float, default=0.2,
