@@ -50,7 +50,7 @@ def ring_buffer_positions(lengths, size):
 def outputs_and_grads(fn, inputs, seed=1, **kwargs):
     out = fn(*inputs, **kwargs)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    grads = torch.autograd.grad(out, inputs, dout.to(out.dtype))
+    grads = torch.autograd.grad(out, inputs, dout.to(out))
     return [out] + list(grads)
 
 
