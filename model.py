@@ -20,7 +20,8 @@ Read top to bottom. The numbers come from ../shared/SPEC.md section 1; the desig
   grouped matmul (F.grouped_mm, forward and backward): no expert weight is ever gathered per
   token, and training and inference share the one path (the retrospective's OOM came from a
   separate inference path that ran every expert). The k outputs of a token are summed in a
-  fixed order (no scatter-add).
+  fixed order (no scatter-add). Opt-in for decoding on the CPU in fp32 (set_packed_experts), the
+  same products run on oneDNN with each expert's matrix packed once instead of per product.
 - Checkpoints: HF layout, bf16-form experts ([in, out]) or MXFP4 blocks/scales ([out, in]),
   single file or sharded, loaded tensor by tensor into a model built on the meta device.
 """
@@ -850,6 +851,52 @@ def grouped_matmul(rows, w, ends):
     return torch.cat([rows[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends.tolist()))])
 
 
+# Decoding on the CPU in fp32. MKL packs a matrix into its kernel's layout on every product, and
+# with a few rows per expert (decoding: batch x top-k rows spread over all experts) packing costs
+# as much as the product: F.grouped_mm reaches 9 / 13 / 22 GFLOP/s at 4 / 8 / 16 rows per expert
+# where oneDNN with the weights packed once reaches 18 / 28 / 47 (`python bench.py experts
+# --threads 1`: 16 experts of 512 x 1024, one thread, matmul peak 77-86). With
+# Transformer.set_packed_experts (the sampler's pack_experts=True), no-grad fp32 forwards on the
+# CPU multiply an expert's 3+ rows by its matrix packed for oneDNN, packed on first use and again
+# after the weight changes (an in-place update bumps the tensor's _version; fused optimizers and
+# writes through .data do not: call Sampler.update_weights after them). 1-2 rows stay on MKL,
+# whose matrix-vector kernel is as fast or faster there.
+PACKED_MIN_ROWS = 3
+
+
+def _packable(rows, w) -> bool:
+    """Whether this product may use packed experts: a no-grad fp32 product on the CPU."""
+    return (not torch.is_grad_enabled() and rows.device.type == "cpu" and rows.dtype == torch.float32
+            and w.dtype == torch.float32 and torch.backends.mkldnn.is_available())
+
+
+def packed_grouped_matmul(rows, w, packed: dict, ends):
+    """grouped_matmul(rows, w, ends) on oneDNN: expert e's matrix packed once into packed[e] (from
+    its linear layout [N, K]); MKL for fewer than PACKED_MIN_ROWS rows."""
+    out, start = [], 0
+    for e, end in enumerate(ends.tolist()):
+        x = rows[start:end]  # (n_e, K)
+        if len(x) >= PACKED_MIN_ROWS:
+            if e not in packed:
+                packed[e] = torch.ops.mkldnn._reorder_linear_weight(w[e].detach().T.contiguous())
+            out.append(torch.ops.mkldnn._linear_pointwise(x, packed[e], None, "none", [], ""))
+        elif len(x):
+            out.append(x @ w[e])
+        start = end
+    return torch.cat(out) if out else rows.new_empty(0, w.shape[-1])
+
+
+class PackedExperts(dict):
+    """name -> ((_version, data_ptr) of the weight, {expert: packed matrix}). Not copied with its
+    module (packed tensors have no storage to copy): a copy packs its own."""
+
+    def __deepcopy__(self, memo):
+        return PackedExperts()
+
+    def __reduce__(self):
+        return PackedExperts, ()
+
+
 def _pad_groups(rows, expert, counts, multiple):
     """Rows grouped by expert (expert (S,) of each row, counts (E,)) -> each non-empty group
     zero-padded to a multiple of `multiple` rows: (padded rows, padded counts, the expert of each
@@ -867,9 +914,11 @@ class Experts(nn.Module):
     min_rows > 0 (the batch-invariant mode): every expert's product has a multiple of that many rows."""
 
     min_rows = 0
+    pack = False  # Transformer.set_packed_experts
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self._packed = PackedExperts()
         E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, H, 2 * I))  # columns interleave gate, linear
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
@@ -890,6 +939,17 @@ class Experts(nn.Module):
         h = x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]  # (n, 2I)
         return self.activation(h) @ self.down_proj[e] + self.down_proj_bias[e]
 
+    def matmul(self, rows, name: str, ends):
+        """grouped_matmul of the rows with the matrices `name`, on packed matrices when packing is
+        on and the product allows it (see packed_grouped_matmul)."""
+        w = getattr(self, name)
+        if self.min_rows or not self.pack or not _packable(rows, w):
+            return grouped_matmul(rows, w, ends)
+        key = (w._version, w.data_ptr())
+        if self._packed.get(name, (None,))[0] != key:  # a new weight: pack again
+            self._packed[name] = (key, {})
+        return packed_grouped_matmul(rows, w, self._packed[name][1], ends)
+
     def forward(self, x, expert_idx, weights):
         """x (N, H); expert_idx, weights (N, k) -> sum_k weights * expert(x), (N, H).
 
@@ -904,8 +964,8 @@ class Experts(nn.Module):
         if self.min_rows:  # batch-invariant mode: every expert multiplies a multiple of min_rows rows
             rows, counts, expert, keep = _pad_groups(rows, expert, counts, self.min_rows)
         ends = counts.cumsum(0)
-        h = grouped_matmul(rows, self.gate_up_proj, ends) + self.gate_up_proj_bias[expert]  # (N*k, 2I)
-        y = grouped_matmul(self.activation(h), self.down_proj, ends) + self.down_proj_bias[expert]
+        h = self.matmul(rows, "gate_up_proj", ends) + self.gate_up_proj_bias[expert]  # (N*k, 2I)
+        y = self.matmul(self.activation(h), "down_proj", ends) + self.down_proj_bias[expert]
         if self.min_rows:
             y = y[keep]  # the real pairs, in expert order again
         y = y * weights.reshape(-1)[order, None].to(y.dtype)  # (N*k, H)
@@ -996,6 +1056,15 @@ class Transformer(nn.Module):
         self.set_attention_backend("invariant" if on else None)
 
     batch_invariant = False
+
+    def set_packed_experts(self, on: bool = True):
+        """On: no-grad fp32 forwards on the CPU multiply by oneDNN-packed copies of the expert
+        matrices (faster decoding with several rows per expert; up to twice the experts' memory;
+        see packed_grouped_matmul). Either way, the packed copies made so far are dropped."""
+        for m in self.modules():
+            if isinstance(m, Experts):
+                m.pack = on
+                m._packed.clear()
 
     def hidden(self, input_ids, positions=None, cache=None):
         """input_ids (B, T) -> the final-normed hidden states (B, T, H), before the unembedding.

@@ -2,6 +2,7 @@
 random checkpoints with non-trivial values: large sinks, a window shorter than the sequence,
 GQA, biases, sequence lengths that are not powers of two."""
 
+import copy
 import json
 import os
 
@@ -279,6 +280,49 @@ def test_experts_grouped_matmul_matches_per_expert_reference(dtype, tol, monkeyp
     for a, b in zip([got] + list(torch.autograd.grad(got, params, dout)),
                     [ref] + list(torch.autograd.grad(ref, params, dout))):
         assert (a - b).abs().max() <= tol * b.abs().max().clamp(min=1)
+
+
+def test_packed_experts_match_grouped_matmul_and_follow_weight_updates():
+    """set_packed_experts: no-grad fp32 products of 3+ rows on oneDNN-packed matrices (fewer rows
+    on MKL) equal the grouped matmul's; a new weight version is packed again; grad mode and the
+    batch-invariant mode keep grouped_matmul; a deepcopy packs its own."""
+    cfg = M.preset("tiny", num_local_experts=8, num_experts_per_tok=2)
+    net = M.Transformer(cfg)
+    randomize_(net, seed=8)
+    experts = net.layers[0].mlp.experts
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(6, cfg.hidden_size, generator=gen)
+    idx = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 1], [0, 2], [4, 5]])  # rows: 4, 3, 2, 1, 1, 1, 0, 0
+    weights = torch.rand(6, 2, generator=gen).softmax(-1)
+    ids = torch.randint(0, cfg.vocab_size, (3, 9), generator=gen)
+
+    def close(a, b):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+    ref, ref_logits = experts(x, idx, weights).detach(), net(ids).detach()  # grad mode: grouped_mm
+    net.set_packed_experts(True)
+    with torch.no_grad():
+        close(experts(x, idx, weights), ref)
+        packed = experts._packed["gate_up_proj"][1]
+        assert sorted(packed) == [0, 1]  # 3+ rows: packed; 1-2 rows: MKL
+        close(net(ids), ref_logits)
+        for p in net.parameters():  # an in-place update (a new _version)
+            p.mul_(1.5)
+    ref, ref_logits = experts(x, idx, weights).detach(), net(ids).detach()
+    with torch.no_grad():
+        got = net(ids)
+        assert experts._packed["gate_up_proj"][1] is not packed  # packed again
+        close(got, ref_logits)
+        close(experts(x, idx, weights), ref)
+        assert torch.equal(copy.deepcopy(net)(ids), got)
+        net.set_packed_experts(False)
+        assert not experts._packed
+        net(ids)
+        assert not experts._packed
+        net.set_packed_experts(True)
+        net.set_batch_invariant(True)  # its own padded products: never packed
+        net(ids)
+        assert not experts._packed
 
 
 def test_experts_under_bf16_autocast():

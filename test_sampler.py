@@ -2,6 +2,7 @@
 random model with non-trivial values: large sinks of both signs, window 8 shorter than the
 sequences, prompts of different lengths in one batch, chunks longer than the window."""
 
+import copy
 import math
 
 import pytest
@@ -131,6 +132,27 @@ def test_greedy_is_argmax_of_full_forward(net):
         assert o.logprobs == [0.0] * 20  # a point mass
         raw = torch.log_softmax(logits, -1)[range(len(p) - 1, len(seq) - 1), o.tokens]
         assert (raw - torch.tensor(o.raw_logprobs)).abs().max() <= 1e-5
+
+
+def test_packed_experts_sampler(net):
+    """pack_experts=True: the greedy tokens and log-probs of the grouped-matmul sampler; after a
+    write through .data (no new _version) update_weights drops the stale packed matrices."""
+    model = copy.deepcopy(net)
+    prompts = prompts_of([5, 9, 7, 3])
+    plain = S.Sampler(model).generate(prompts, max_new_tokens=12, temperature=0)
+    sampler = S.Sampler(model, pack_experts=True)
+    packed = sampler.generate(prompts, max_new_tokens=12, temperature=0)
+    assert any(e._packed.get("gate_up_proj", (0, {}))[1] for e in model.modules() if isinstance(e, M.Experts))
+    for a, b in zip(plain, packed):
+        assert a.tokens == b.tokens
+        assert max(abs(x - y) for x, y in zip(a.raw_logprobs, b.raw_logprobs)) <= 1e-5
+    for p in model.parameters():
+        p.data.mul_(1.5)  # .data: the parameter's _version does not change
+    sampler.update_weights(model)
+    fresh = S.Sampler(copy.deepcopy(model)).generate(prompts, max_new_tokens=12, temperature=0)
+    again = sampler.generate(prompts, max_new_tokens=12, temperature=0)
+    assert [o.tokens for o in again] == [o.tokens for o in fresh]
+    assert max(abs(x - y) for a, b in zip(again, fresh) for x, y in zip(a.raw_logprobs, b.raw_logprobs)) <= 1e-5
 
 
 def test_seeds(net):
