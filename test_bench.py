@@ -65,10 +65,19 @@ def test_entries_run_end_to_end_on_a_tiny_model(tmp_path, capsys):
 
 def test_decode_entry_without_vllm(capsys):
     results = bench.main(["decode", "--preset", "tiny", "--threads", "1", "--repeats", "1", "--batches", "2",
-                          "--new-tokens", "3", "--prompt-len", "4", "--engines", "sampler", "transformers"])
+                          "--new-tokens", "3", "--prompt-len", "4", "--engines", "sampler", "unpacked",
+                          "transformers"])
     tps = results["decode_tokens_per_s"]
-    assert tps["sampler"][2] > 0 and tps["transformers"][2] > 0
-    assert "greedy tokens identical to transformers" in capsys.readouterr().out
+    assert tps["sampler"][2] > 0 and tps["unpacked"][2] > 0 and tps["transformers"][2] > 0
+    out = capsys.readouterr().out
+    assert "greedy tokens identical to transformers" in out and "vs sampler.py unpacked" in out
+
+
+def test_experts_entry_compares_grouped_mm_and_packed(capsys):
+    results = bench.main(["experts", "--preset", "tiny", "--threads", "1", "--repeats", "1", "--peak-size", "64"])
+    assert sorted(results["experts_gflops"]) == [1, 2, 3, 4, 8, 16, 32]
+    assert results["matmul_peak_fp32"] > 0 and results["read_gb_per_s"] > 0
+    assert "packed speed-up" in capsys.readouterr().out
 
 
 def test_invariant_entry_reports_both_modes(capsys):
