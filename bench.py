@@ -42,7 +42,8 @@ Entries (`python bench.py ENTRY`; `all` runs them all in turn and ends with a su
            log-probs equal bit for bit): sampler.py's greedy decode at each of --batches and the
            fp32 training step, mode off vs on, alternating within each repeat.
   experts  Why decoding is slow, in isolation: the preset's expert gate-up products (every
-           expert, n rows each, fp32) as F.grouped_mm (MKL packs each matrix on every product)
+           expert of every layer, n rows each, fp32, so that the weights come from memory as in
+           decoding) as F.grouped_mm (MKL packs each matrix on every product)
            vs packed_grouped_matmul (oneDNN, each matrix packed once: pack_experts=True), in
            GFLOP/s and GB/s of weights read, for n = 1, 2, 3, 4, 8, 16, 32 rows per expert; with
            this machine's matmul peak and a sum over the weights (its read bandwidth).
@@ -636,7 +637,8 @@ def bench_experts(args, cfg, threads):
 
     import model as M
 
-    E, K, N = cfg.num_local_experts, cfg.hidden_size, 2 * cfg.intermediate_size
+    # every layer's experts, so that (as in decoding) the weights come from memory, not the cache
+    E, K, N = cfg.num_hidden_layers * cfg.num_local_experts, cfg.hidden_size, 2 * cfg.intermediate_size
     w = torch.randn(E, K, N, generator=torch.Generator().manual_seed(args.seed)) * 0.02
     gb = w.numel() * 4 / 1e9
 
@@ -658,7 +660,8 @@ def bench_experts(args, cfg, threads):
         rows.append([n] + [f"{flop / t / 1e9:.1f} ({gb / t:.1f})" for t in (t_mkl, t_packed)]
                     + [ratio(t_mkl, t_packed)])
     header("expert products", args, cfg, threads)
-    print(f"{E} experts of {K} x {N} (fp32, {gb * 1e3:.0f} MB); GFLOP/s (GB/s of weights), median of "
+    print(f"{E} expert matrices of {K} x {N} ({cfg.num_hidden_layers} layers' gate-up, fp32, {gb * 1e3:.0f} MB); "
+          f"GFLOP/s (GB/s of weights), median of "
           f"{max(args.repeats, 5)}; matmul peak {peak / 1e9:.1f} GFLOP/s, weight read {read:.1f} GB/s\n")
     print_table(["rows per expert", "F.grouped_mm", "packed (oneDNN)", "packed speed-up"], rows)
     return {"experts_gflops": {r[0]: r[1:3] for r in rows}, "matmul_peak_fp32": peak, "read_gb_per_s": read}

@@ -853,14 +853,14 @@ def grouped_matmul(rows, w, ends):
 
 # Decoding on the CPU in fp32. MKL packs a matrix into its kernel's layout on every product, and
 # with a few rows per expert (decoding: batch x top-k rows spread over all experts) packing costs
-# as much as the product: F.grouped_mm reaches 9 / 13 / 22 GFLOP/s at 4 / 8 / 16 rows per expert
-# where oneDNN with the weights packed once reaches 18 / 28 / 47 (`python bench.py experts
-# --threads 1`: 16 experts of 512 x 1024, one thread, matmul peak 77-86). With
+# as much as the product: F.grouped_mm reaches 11 / 19 / 33 GFLOP/s at 4 / 8 / 16 rows per expert
+# where oneDNN with the weights packed once reaches 25 / 41 / 63 (`python bench.py experts
+# --threads 1`: 96 matrices of 512 x 1024, 201 MB, one thread, matmul peak 84). With
 # Transformer.set_packed_experts (the sampler's pack_experts=True), no-grad fp32 forwards on the
 # CPU multiply an expert's 3+ rows by its matrix packed for oneDNN, packed on first use and again
 # after the weight changes (an in-place update bumps the tensor's _version; fused optimizers and
-# writes through .data do not: call Sampler.update_weights after them). 1-2 rows stay on MKL,
-# whose matrix-vector kernel is as fast or faster there.
+# writes through .data do not: call Sampler.update_weights after them). 1-2 rows stay on MKL:
+# packing them gained nothing in decoding.
 PACKED_MIN_ROWS = 3
 
 
