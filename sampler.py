@@ -247,8 +247,9 @@ class Sampler:
     sets it on the sampler's model. In that mode the caches are full (no ring buffer) and the
     log-probs equal a same-dtype trainer's full-sequence log-probs bit for bit.
     pack_experts: fp32 on the CPU, multiply by expert matrices packed once for oneDNN (1.4x faster
-    decoding at batch 32 on the "small" preset; Transformer.set_packed_experts). A shared model
-    changed by a fused optimizer or through .data needs update_weights(model) afterwards."""
+    decoding at batch 32 on the "small" preset, slower for small matrices such as the "tiny"
+    preset's; Transformer.set_packed_experts). A shared model changed by a fused optimizer or
+    through .data needs update_weights(model) afterwards."""
 
     def __init__(self, model: M.Transformer, dtype: torch.dtype | None = None, device=None,
                  batch_invariant: bool | None = None, pack_experts: bool = False):
