@@ -43,10 +43,10 @@ Entries (`python bench.py ENTRY`; `all` runs them all in turn and ends with a su
            fp32 training step, mode off vs on, alternating within each repeat.
   experts  Why decoding is slow, in isolation: the preset's expert gate-up products (every
            expert of every layer, n rows each, fp32, so that the weights come from memory as in
-           decoding) as F.grouped_mm (MKL packs each matrix on every product)
-           vs packed_grouped_matmul (oneDNN, each matrix packed once: pack_experts=True), in
-           GFLOP/s and GB/s of weights read, for n = 1, 2, 3, 4, 8, 16, 32 rows per expert; with
-           this machine's matmul peak and a sum over the weights (its read bandwidth).
+           decoding) as F.grouped_mm (MKL packs each matrix on every product) vs
+           packed_grouped_matmul (oneDNN, each matrix packed once: pack_experts=True), in GFLOP/s
+           and GB/s of weights read, for n = 1, 2, 3, 4, 8, 16, 32 rows per expert; with this
+           machine's matmul peak and the speed of a sum over the weights (its read bandwidth).
 
     python bench.py all --threads 1                # everything (about 10-15 minutes on 2 cores)
     python bench.py decode --batches 1 8 --new-tokens 32 --repeats 1   # a quick look
@@ -661,8 +661,8 @@ def bench_experts(args, cfg, threads):
                     + [ratio(t_mkl, t_packed)])
     header("expert products", args, cfg, threads)
     print(f"{E} expert matrices of {K} x {N} ({cfg.num_hidden_layers} layers' gate-up, fp32, {gb * 1e3:.0f} MB); "
-          f"GFLOP/s (GB/s of weights), median of "
-          f"{max(args.repeats, 5)}; matmul peak {peak / 1e9:.1f} GFLOP/s, weight read {read:.1f} GB/s\n")
+          f"GFLOP/s (GB/s of weights), median of {max(args.repeats, 5)}; matmul peak {peak / 1e9:.1f} "
+          f"GFLOP/s, a sum over the weights {read:.1f} GB/s\n")
     print_table(["rows per expert", "F.grouped_mm", "packed (oneDNN)", "packed speed-up"], rows)
     return {"experts_gflops": {r[0]: r[1:3] for r in rows}, "matmul_peak_fp32": peak, "read_gb_per_s": read}
 
