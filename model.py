@@ -847,8 +847,12 @@ def grouped_matmul(rows, w, ends):
         rows, w = rows.to(dtype), w.to(dtype)
     if _grouped_mm_ok(rows, w):
         return F.grouped_mm(rows, w, offs=ends.to(torch.int32))
-    starts = [0] + ends[:-1].tolist()
-    return torch.cat([rows[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends.tolist()))])
+    return torch.cat([x @ w[e] for e, x in _rows_by_expert(rows, ends)])
+
+
+def _rows_by_expert(rows, ends):
+    """(e, expert e's rows) for every expert, from rows grouped by expert and their ends (E,)."""
+    return enumerate(rows.split(torch.diff(ends, prepend=ends.new_zeros(1)).tolist()))
 
 
 # Decoding on the CPU in fp32. MKL packs a matrix into its kernel's layout on every product, and
@@ -873,16 +877,14 @@ def _packable(rows, w) -> bool:
 def packed_grouped_matmul(rows, w, packed: dict, ends):
     """grouped_matmul(rows, w, ends) on oneDNN: expert e's matrix packed once into packed[e] (from
     its linear layout [N, K]); MKL for fewer than PACKED_MIN_ROWS rows."""
-    out, start = [], 0
-    for e, end in enumerate(ends.tolist()):
-        x = rows[start:end]  # (n_e, K)
+    out = []
+    for e, x in _rows_by_expert(rows, ends):  # x (n_e, K)
         if len(x) >= PACKED_MIN_ROWS:
             if e not in packed:
                 packed[e] = torch.ops.mkldnn._reorder_linear_weight(w[e].detach().T.contiguous())
             out.append(torch.ops.mkldnn._linear_pointwise(x, packed[e], None, "none", [], ""))
         elif len(x):
             out.append(x @ w[e])
-        start = end
     return torch.cat(out) if out else rows.new_empty(0, w.shape[-1])
 
 
