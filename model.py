@@ -869,9 +869,11 @@ PACKED_MIN_ROWS = 3
 
 
 def _packable(rows, w) -> bool:
-    """Whether this product may use packed experts: a no-grad fp32 product on the CPU."""
+    """Whether this product may use packed experts: a no-grad fp32 product on the CPU (not under
+    autocast, where grouped_matmul casts to the autocast dtype)."""
     return (not torch.is_grad_enabled() and rows.device.type == "cpu" and rows.dtype == torch.float32
-            and w.dtype == torch.float32 and torch.backends.mkldnn.is_available())
+            and w.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and torch.backends.mkldnn.is_available())
 
 
 def packed_grouped_matmul(rows, w, packed: dict, ends):

@@ -319,6 +319,11 @@ def test_packed_experts_match_grouped_matmul_and_follow_weight_updates():
         assert not experts._packed
         net(ids)
         assert not experts._packed
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 products as grouped_matmul casts them
+            low = experts(x, idx, weights)
+            net.set_packed_experts(True)
+            assert torch.equal(experts(x, idx, weights), low)
+        assert not experts._packed
         net.set_packed_experts(True)
         net.set_batch_invariant(True)  # its own padded products: never packed
         net(ids)
