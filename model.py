@@ -22,6 +22,8 @@ Read top to bottom. The numbers come from ../shared/SPEC.md section 1; the desig
   separate inference path that ran every expert). The k outputs of a token are summed in a
   fixed order (no scatter-add). Opt-in for decoding on the CPU in fp32 (set_packed_experts), the
   same products run on oneDNN with each expert's matrix packed once instead of per product.
+  Under torch.compile (the sampler's compile=True) they are one custom operator, the rest of a
+  decode step one graph.
 - Checkpoints: HF layout, bf16-form experts ([in, out]) or MXFP4 blocks/scales ([out, in]),
   single file or sharded, loaded tensor by tensor into a model built on the meta device.
 """
@@ -37,6 +39,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 logger = logging.getLogger(__name__)
 
@@ -268,6 +271,8 @@ def yarn_inv_freq(cfg: ModelConfig, truncate: bool | None = None) -> tuple[torch
 def check_range(t: torch.Tensor, limit: int, what: str):
     """ValueError when t holds a value outside [0, limit). Free on the CPU; on an accelerator an
     asynchronous device-side assert, so a decode step never waits for the device to answer."""
+    if torch.compiler.is_compiling():  # a compiled graph cannot branch on data: the sampler's
+        return  # compiled decode step feeds back the tokens it sampled (checked prompts first)
     message = f"{what} out of range [0, {limit})"
     if t.device.type == "cpu":
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= limit):
@@ -890,15 +895,36 @@ def packed_grouped_matmul(rows, w, packed: dict, ends):
     return torch.cat(out) if out else rows.new_empty(0, w.shape[-1])
 
 
-class PackedExperts(dict):
-    """name -> ((_version, data_ptr) of the weight, {expert: packed matrix}). Not copied with its
-    module (packed tensors have no storage to copy): a copy packs its own."""
+# weight -> ((_version, data_ptr) when packed, {expert: packed matrix}). Keyed by the weight
+# tensor itself, so a copied module packs its own and the entries go when the weight does.
+_PACKED = WeakIdKeyDictionary()
 
-    def __deepcopy__(self, memo):
-        return PackedExperts()
 
-    def __reduce__(self):
-        return PackedExperts, ()
+def _packed_for(w) -> dict:
+    """w's packed matrices so far, emptied when w changed since (a new _version or storage)."""
+    key = (w._version, w.data_ptr())
+    if _PACKED.get(w, (None,))[0] != key:
+        _PACKED[w] = (key, {})
+    return _PACKED[w][1]
+
+
+def _experts_matmul(rows: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, pack: bool) -> torch.Tensor:
+    """grouped_matmul(rows, w, ends), on packed matrices when `pack` and the product allows it."""
+    if pack and _packable(rows, w):
+        return packed_grouped_matmul(rows, w, _packed_for(w), ends)
+    return grouped_matmul(rows, w, ends)
+
+
+# torch.compile (the sampler's compile=True) traces a decode step into one graph and fuses the
+# small elementwise ops around the matrix products. The experts' products cannot be traced: they
+# split their rows by counts that are data, and F.grouped_mm's shape function accepts no fp32.
+# So a compiled graph calls them as one opaque operator (no autograd: for no-grad decoding).
+experts_matmul_op = torch.library.custom_op("gptoss::experts_matmul", _experts_matmul, mutates_args=())
+
+
+@experts_matmul_op.register_fake
+def _(rows, w, ends, pack):
+    return rows.new_empty(rows.shape[0], w.shape[-1])
 
 
 def _pad_groups(rows, expert, counts, multiple):
@@ -922,7 +948,6 @@ class Experts(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self._packed = PackedExperts()
         E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, H, 2 * I))  # columns interleave gate, linear
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
@@ -945,14 +970,13 @@ class Experts(nn.Module):
 
     def matmul(self, rows, name: str, ends):
         """grouped_matmul of the rows with the matrices `name`, on packed matrices when packing is
-        on and the product allows it (see packed_grouped_matmul)."""
+        on and the product allows it (see packed_grouped_matmul); an opaque operator inside a
+        torch.compile graph."""
         w = getattr(self, name)
-        if self.min_rows or not self.pack or not _packable(rows, w):
+        if self.min_rows:
             return grouped_matmul(rows, w, ends)
-        key = (w._version, w.data_ptr())
-        if self._packed.get(name, (None,))[0] != key:  # a new weight: pack again
-            self._packed[name] = (key, {})
-        return packed_grouped_matmul(rows, w, self._packed[name][1], ends)
+        op = experts_matmul_op if torch.compiler.is_compiling() else _experts_matmul
+        return op(rows, w, ends, self.pack)
 
     def forward(self, x, expert_idx, weights):
         """x (N, H); expert_idx, weights (N, k) -> sum_k weights * expert(x), (N, H).
@@ -963,7 +987,8 @@ class Experts(nn.Module):
         N, k = expert_idx.shape
         flat = expert_idx.reshape(-1)  # (N*k,) the expert of each (token, slot) pair
         expert, order = torch.sort(flat, stable=True)  # pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])  # (E,)
+        # (E,) rows per expert; not bincount, whose output size depends on the data (torch.compile)
+        counts = flat.new_zeros(self.gate_up_proj.shape[0]).index_add_(0, flat, torch.ones_like(flat))
         rows = x[order // k]  # (N*k, H): each pair's token, in expert order
         if self.min_rows:  # batch-invariant mode: every expert multiplies a multiple of min_rows rows
             rows, counts, expert, keep = _pad_groups(rows, expert, counts, self.min_rows)
@@ -1068,7 +1093,8 @@ class Transformer(nn.Module):
         for m in self.modules():
             if isinstance(m, Experts):
                 m.pack = on
-                m._packed.clear()
+                for w in (m.gate_up_proj, m.down_proj):
+                    _PACKED.pop(w, None)
 
     def hidden(self, input_ids, positions=None, cache=None):
         """input_ids (B, T) -> the final-normed hidden states (B, T, H), before the unembedding.

@@ -303,7 +303,7 @@ def test_packed_experts_match_grouped_matmul_and_follow_weight_updates():
     net.set_packed_experts(True)
     with torch.no_grad():
         close(experts(x, idx, weights), ref)
-        packed = experts._packed["gate_up_proj"][1]
+        packed = M._PACKED[experts.gate_up_proj][1]  # expert -> packed matrix
         assert sorted(packed) == [0, 1]  # 3+ rows: packed; 1-2 rows: MKL
         close(net(ids), ref_logits)
         for p in net.parameters():  # an in-place update (a new _version)
@@ -311,23 +311,23 @@ def test_packed_experts_match_grouped_matmul_and_follow_weight_updates():
     ref, ref_logits = experts(x, idx, weights).detach(), net(ids).detach()
     with torch.no_grad():
         got = net(ids)
-        assert experts._packed["gate_up_proj"][1] is not packed  # packed again
+        assert M._PACKED[experts.gate_up_proj][1] is not packed  # packed again
         close(got, ref_logits)
         close(experts(x, idx, weights), ref)
         assert torch.equal(copy.deepcopy(net)(ids), got)
         net.set_packed_experts(False)
-        assert not experts._packed
+        assert experts.gate_up_proj not in M._PACKED
         net(ids)
-        assert not experts._packed
+        assert experts.gate_up_proj not in M._PACKED
         with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 products as grouped_matmul casts them
             low = experts(x, idx, weights)
             net.set_packed_experts(True)
             assert torch.equal(experts(x, idx, weights), low)
-        assert not experts._packed
+        assert experts.gate_up_proj not in M._PACKED
         net.set_packed_experts(True)
         net.set_batch_invariant(True)  # its own padded products: never packed
         net(ids)
-        assert not experts._packed
+        assert experts.gate_up_proj not in M._PACKED
 
 
 def test_experts_under_bf16_autocast():
