@@ -142,7 +142,7 @@ def test_packed_experts_sampler(net):
     plain = S.Sampler(model).generate(prompts, max_new_tokens=12, temperature=0)
     sampler = S.Sampler(model, pack_experts=True)
     packed = sampler.generate(prompts, max_new_tokens=12, temperature=0)
-    assert any(e._packed.get("gate_up_proj", (0, {}))[1] for e in model.modules() if isinstance(e, M.Experts))
+    assert any(M._PACKED.get(e.gate_up_proj, (0, {}))[1] for e in model.modules() if isinstance(e, M.Experts))
     for a, b in zip(plain, packed):
         assert a.tokens == b.tokens
         assert max(abs(x - y) for x, y in zip(a.raw_logprobs, b.raw_logprobs)) <= 1e-5
@@ -153,6 +153,32 @@ def test_packed_experts_sampler(net):
     again = sampler.generate(prompts, max_new_tokens=12, temperature=0)
     assert [o.tokens for o in again] == [o.tokens for o in fresh]
     assert max(abs(x - y) for a, b in zip(again, fresh) for x, y in zip(a.raw_logprobs, b.raw_logprobs)) <= 1e-5
+
+
+def test_compiled_decode_matches_eager(net):
+    """compile=True (with packed experts, as bench.py runs it): the eager sampler's greedy tokens
+    and log-probs within 1e-5 over two batches of different sizes and a second turn, from one
+    compiled graph whose experts' packed matrices are packed once; not with batch_invariant."""
+    from torch._dynamo.utils import counters
+
+    model = copy.deepcopy(net)
+    eager, compiled = S.Sampler(model, pack_experts=True), S.Sampler(model, pack_experts=True, compile=True)
+    packs, graphs, breaks = [], counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    for lengths in ([5, 9, 7, 3, 12, 4], [6, 2]):
+        prompts = prompts_of(lengths, seed=len(lengths))
+        sessions = [smp.session(prompts, max_len=64) for smp in (eager, compiled)]
+        for turn in range(2):
+            a, b = (s.generate(max_new_tokens=10, temperature=0) for s in sessions)
+            assert [o.tokens for o in a.values()] == [o.tokens for o in b.values()]
+            assert max(abs(x - y) for r in a for x, y in zip(a[r].raw_logprobs, b[r].raw_logprobs)) <= 1e-5
+            for s in sessions:
+                s.append({r: [1, 2, 3] for r in range(len(prompts))})
+        packs.append([M._PACKED[e.gate_up_proj][1] for e in model.modules() if isinstance(e, M.Experts)])
+    assert all(packs[0]) and all(x is y for x, y in zip(*packs))  # packed once, reused by the graph
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # every batch size and length: one graph
+    assert sum(counters["graph_break"].values()) == breaks
+    with pytest.raises(ValueError, match="batch-invariant"):
+        S.Sampler(model, compile=True, batch_invariant=True)
 
 
 def test_seeds(net):
