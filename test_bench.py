@@ -65,12 +65,13 @@ def test_entries_run_end_to_end_on_a_tiny_model(tmp_path, capsys):
 
 def test_decode_entry_without_vllm(capsys):
     results = bench.main(["decode", "--preset", "tiny", "--threads", "1", "--repeats", "1", "--batches", "2",
-                          "--new-tokens", "3", "--prompt-len", "4", "--engines", "sampler", "unpacked",
+                          "--new-tokens", "3", "--prompt-len", "4", "--engines", "sampler", "eager", "unpacked",
                           "transformers"])
     tps = results["decode_tokens_per_s"]
-    assert tps["sampler"][2] > 0 and tps["unpacked"][2] > 0 and tps["transformers"][2] > 0
+    assert all(tps[e][2] > 0 for e in ("sampler", "eager", "unpacked", "transformers"))
     out = capsys.readouterr().out
     assert "greedy tokens identical to transformers" in out and "vs sampler.py unpacked" in out
+    assert "greedy tokens identical to sampler.py eager: 100.0%" in out  # compiling changes no token here
 
 
 def test_experts_entry_compares_grouped_mm_and_packed(capsys):
