@@ -253,8 +253,8 @@ class Sampler:
     compile: run the decode steps through torch.compile (one graph for every batch size and
     length; the first generate compiles it, 20-45 s on this CPU), which fuses the small ops
     between the matrix products: 1.1-1.2x faster decoding at batch 8-32 on the "small" preset,
-    nothing at batch 1. Its kernels round differently from the eager ones (log-probs within
-    1e-5), so not with batch_invariant."""
+    nothing at batch 1. Its kernels round differently from the eager ones (fp32 log-probs within
+    1e-5; in bf16 greedy rows may part after a few tokens), so not with batch_invariant."""
 
     def __init__(self, model: M.Transformer, dtype: torch.dtype | None = None, device=None,
                  batch_invariant: bool | None = None, pack_experts: bool = False, compile: bool = False):
