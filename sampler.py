@@ -258,6 +258,10 @@ class Sampler:
 
     def __init__(self, model: M.Transformer, dtype: torch.dtype | None = None, device=None,
                  batch_invariant: bool | None = None, pack_experts: bool = False, compile: bool = False):
+        on = model.batch_invariant if batch_invariant is None else batch_invariant
+        if compile and on:  # before anything changes a shared model
+            raise ValueError("compile=True cannot keep the batch-invariant mode's bits: compiled "
+                             "kernels fuse and round differently from the trainer's eager ones")
         p0 = next(model.parameters())
         self.pack_experts = pack_experts
         self.dtype = dtype or p0.dtype
@@ -272,10 +276,6 @@ class Sampler:
             self.update_weights(model)
         if pack_experts:
             self.model.set_packed_experts(True)
-        on = model.batch_invariant if batch_invariant is None else batch_invariant
-        if compile and on:
-            raise ValueError("compile=True cannot keep the batch-invariant mode's bits: compiled "
-                             "kernels fuse and round differently from the trainer's eager ones")
         if on != self.model.batch_invariant:  # a shared module changes for its trainer too
             self.model.set_batch_invariant(on)
         self.config = model.config

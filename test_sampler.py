@@ -178,7 +178,10 @@ def test_compiled_decode_matches_eager(net):
     assert counters["stats"]["unique_graphs"] - graphs == 1  # every batch size and length: one graph
     assert sum(counters["graph_break"].values()) == breaks
     with pytest.raises(ValueError, match="batch-invariant"):
-        S.Sampler(model, compile=True, batch_invariant=True)
+        S.Sampler(model, compile=True, batch_invariant=True, pack_experts=True)
+    assert not model.batch_invariant  # refused before touching the shared model: packs kept
+    assert all(M._PACKED[e.gate_up_proj][1] is p for e, p in zip(
+        (m for m in model.modules() if isinstance(m, M.Experts)), packs[0]))
 
 
 def test_seeds(net):
