@@ -162,6 +162,7 @@ def test_compiled_decode_matches_eager(net):
     from torch._dynamo.utils import counters
 
     model = copy.deepcopy(net)
+    experts = [m for m in model.modules() if isinstance(m, M.Experts)]
     eager, compiled = S.Sampler(model, pack_experts=True), S.Sampler(model, pack_experts=True, compile=True)
     packs, graphs, breaks = [], counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     for lengths in ([5, 9, 7, 3, 12, 4], [6, 2]):
@@ -173,15 +174,14 @@ def test_compiled_decode_matches_eager(net):
             assert max(abs(x - y) for r in a for x, y in zip(a[r].raw_logprobs, b[r].raw_logprobs)) <= 1e-5
             for s in sessions:
                 s.append({r: [1, 2, 3] for r in range(len(prompts))})
-        packs.append([M._PACKED[e.gate_up_proj][1] for e in model.modules() if isinstance(e, M.Experts)])
+        packs.append([M._PACKED[e.gate_up_proj][1] for e in experts])
     assert all(packs[0]) and all(x is y for x, y in zip(*packs))  # packed once, reused by the graph
     assert counters["stats"]["unique_graphs"] - graphs == 1  # every batch size and length: one graph
     assert sum(counters["graph_break"].values()) == breaks
     with pytest.raises(ValueError, match="batch-invariant"):
         S.Sampler(model, compile=True, batch_invariant=True, pack_experts=True)
     assert not model.batch_invariant  # refused before touching the shared model: packs kept
-    assert all(M._PACKED[e.gate_up_proj][1] is p for e, p in zip(
-        (m for m in model.modules() if isinstance(m, M.Experts)), packs[0]))
+    assert all(M._PACKED[e.gate_up_proj][1] is p for e, p in zip(experts, packs[0]))
 
 
 def test_seeds(net):
