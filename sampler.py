@@ -1,67 +1,26 @@
-"""KV-cached sampler for GPT-OSS: batched prefill and decode, behaviour log-probs, multi-turn.
+"""KV-cached sampler for GPT-OSS: batched prefill and decode, behaviour log-probs, multi-turn sessions.
 
-One-shot, vLLM-shaped:
-
-    s = Sampler(model)                        # shares `model`; Sampler(model, dtype=torch.bfloat16) copies it
+    s = Sampler(model)                       # shares `model`; Sampler(model, dtype=torch.bfloat16) copies it
     outs = s.generate(prompts, max_new_tokens=128, temperature=1.0, top_p=1.0, top_k=0,
                       stop_tokens=[200002, 200012, 200007], seed=0)
     outs[i].tokens, outs[i].logprobs, outs[i].raw_logprobs, outs[i].finish_reason  # "stop" | "length"
 
-Multi-turn, batched (the RL loop runs B episodes at once):
+    sess = s.session(prompts, max_len=4096)  # the RL loop's B episodes: one preallocated cache
+    turn = sess.generate(max_new_tokens=256, stop_tokens=STOP, seed=0)  # {row: Completion}, rows pause
+    sess.append({0: tool_reply, 3: tool_reply})  # rows 0 and 3 are ready again (sess.finish ends rows)
+    turn = sess.generate(max_new_tokens=256)     # rows 0 and 3 only, without recomputing a prefix
+    traj = sess.trajectory(0)  # .tokens, .mask (1 = generated), .logprobs (0.0 where mask is 0)
 
-    sess = s.session(prompts, max_len=4096)   # allocates the cache for len(prompts) rows
-    turn = sess.generate(max_new_tokens=256, temperature=1.0, stop_tokens=STOP, seed=0)
-        # {row: Completion} for every row that was ready; all of them are paused afterwards
-    sess.append({0: tool_reply, 3: tool_reply})  # rows 0 and 3 are ready again; the others stay paused
-    sess.finish([1, 2])                        # optional: rows 1 and 2 may never continue
-    turn = sess.generate(max_new_tokens=256, ...)  # runs rows 0 and 3 only, without recomputing a prefix
-    traj = sess.trajectory(0)  # .tokens = prompt + generated + appended, .mask (1 = generated),
-                               # .logprobs / .raw_logprobs (behaviour log-prob; 0.0 where mask is 0)
-
-Design choices:
-
-- Log-probs. `.logprobs` is each sampled token's log-prob under the distribution it was actually
-  drawn from: logits / temperature, then top-k, then top-p, renormalised over the survivors
-  (vLLM's "processed_logprobs"). This is pi_rollout for rollout correction. Greedy
-  (temperature 0) draws from a point mass, so its `.logprobs` are 0.0. `.raw_logprobs` is the
-  log-softmax of the raw logits (temperature 1, no filter: vLLM's default "raw_logprobs" and what
-  the trainer computes with model.token_logprobs). At temperature 1 without top-k/top-p the two
-  are the same numbers. Both in fp32 (fp64 for a float64 model), as the model's logits.
-- Cache (KVCache). Full-attention layers: K/V (rows, max_len, Hkv, D) preallocated, slot index =
-  absolute position. Sliding-window layers: a ring buffer (rows, W, Hkv, D), position p in slot
-  p % W, so it always holds the last W positions. One position tensor per kind (every layer of
-  a kind stores the same positions); -1 marks an empty slot, which `attention`'s mask never
-  shows. Rows have their own lengths: nothing assumes rows sit at the same position.
-  In the batch-invariant mode (model.set_batch_invariant) every layer gets a full cache: the
-  "invariant" attention needs keys at the index of their position (costs W -> max_len slots).
-- Capacity: session(prompts, max_len) preallocates max_len slots per row (prompt + generated +
-  appended tokens). generate() raises ValueError before doing any work when a ready row's tokens
-  + max_new_tokens would exceed it, append() when the appended tokens would; Sampler.generate
-  sizes it exactly (longest prompt + max_new_tokens). Memory per row: full layers x max_len x
-  2 x Hkv x D plus sliding layers x W x 2 x Hkv x D elements in the sampler's dtype.
-- Chunks (prefill, and appended environment tokens) run as one forward: rows right-padded,
-  pads at position -1 (they see nothing, are seen by nothing, and are never written). A ring
-  layer returns cat(ring contents before the chunk, the chunk) with their positions, so a chunk
-  longer than the window still sees the keys before it, and then stores only each row's last W
-  positions. Full layers write the chunk first and return the cache up to the longest row.
-- Decode: one token per active row per step, one model forward for the whole active batch.
-  Active rows are kept in cache rows [0, n) by swapping rows (cache included) when the active
-  set changes, so each step works on a contiguous prefix of the cache through views: no
-  gather per step, and finished rows cost no compute. Stop tokens cost one host sync per step
-  (a `nonzero` on the sampled tokens); no stop tokens, no sync from the sampler.
-- Sampling is vectorised over rows: one sort for top-k/top-p (topk alone when only top-k), and
-  the exponential race argmax(logp - log E), E ~ Exp(1) drawn from the call's torch.Generator
-  (the Gumbel-max trick: exact, no normalisation, no sync). Same seed, same prompts: same tokens
-  (a row's draws depend on which rows are active, so not on the seed alone).
-- Forward: Transformer.hidden (the trainer's embedding, Blocks, `attention` and final norm, with
-  the cache hook) then Transformer.logits on the one position per row it samples from: a B x T
-  prefill would otherwise materialise B x T x V fp32 logits (V = 201088 for gpt-oss).
-- Weights and dtype: with the model's dtype and device the sampler shares the module (nothing to
-  refresh). With another dtype/device (a bf16 sampler beside an fp32 trainer) it holds its own
-  copy; update_weights(model or state_dict) copy_s into it in place, no reallocation.
-- Multi-turn: a row's last sampled token (e.g. <|call|>) has not been through the model when
-  the turn ends; append() queues it with the environment's tokens and the next generate() feeds
-  them as one chunk. Appended tokens get mask 0 and no log-prob.
+Design choices (each explained where it is made):
+- Log-probs: `.logprobs` under the distribution sampled from (pi_rollout for rollout correction),
+  `.raw_logprobs` the raw log-softmax the trainer computes (`sample`).
+- Cache: rows have their own lengths; full layers keep slot = position, sliding layers a ring of
+  the last W positions (`KVCache`); one forward plans its writes once for all layers (`Plan`).
+- Chunks (prefill, appended tool tokens) run as one right-padded forward; decode feeds one token
+  per active row, the active rows kept at the front of the cache: no gather per step (`Session`).
+- Sampling: one sort for top-k/top-p, then the exponential race: seeded, no host sync (`sample`).
+- Forward: the vocabulary projection only where a token is sampled (`Session._forward`).
+- Weights: shared with the model at its dtype and device, else a copy (`Sampler.update_weights`).
 """
 
 from __future__ import annotations
@@ -70,10 +29,11 @@ import argparse
 import math
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
-import model as M
+import model
 
 READY, PAUSED, DONE = "ready", "paused", "done"  # row states in a Session
 
@@ -102,12 +62,29 @@ class Trajectory:
 # KV cache
 
 
-class KVCache:
-    """Preallocated K/V for `rows` rows: full layers (rows, max_len, Hkv, D) with slot = position,
-    sliding layers a ring (rows, W, Hkv, D) with slot = position % W. The sampler sets a plan
-    (plan_decode / plan_chunk) before each forward; Attention calls update() once per layer."""
+class Plan(NamedTuple):
+    """Where one forward's new keys go, computed once for all layers (every layer of a kind stores
+    the same positions). Indices are flat: slot s of cache row r is r * slots + s."""
+    decode: bool  # one token per row, or a right-padded chunk
+    rows: int  # cache rows [0, rows) take part
+    view: int  # full layers return slots [0, view): the longest row's length after the forward
+    full_dst: torch.Tensor  # full layers: the slot of each new token
+    ring_dst: torch.Tensor  # sliding layers: the slot of each new token the ring keeps
+    full_src: torch.Tensor | None = None  # chunk: the token (flat in (rows, T)) stored at full_dst
+    ring_src: torch.Tensor | None = None  # chunk: the token stored at ring_dst
+    ring_kpos: torch.Tensor | None = None  # chunk: (rows, W + T) positions the sliding layers return
 
-    def __init__(self, cfg: M.ModelConfig, rows: int, max_len: int, dtype, device, ring: bool = True):
+
+class KVCache:
+    """Preallocated K/V for `rows` rows, each with its own length (nothing assumes rows sit at the
+    same position). Full-attention layers: (rows, max_len, Hkv, D), slot = absolute position.
+    Sliding-window layers: a ring (rows, W, Hkv, D), position p in slot p % W, so it always holds
+    the last W positions. One position tensor per kind; -1 marks an empty slot, which `attention`'s
+    mask never shows. Memory per row: full layers x max_len x 2 x Hkv x D plus sliding layers x W
+    x 2 x Hkv x D elements in the sampler's dtype. The sampler sets a Plan (plan_decode /
+    plan_chunk) before each forward; Attention calls update() once per layer."""
+
+    def __init__(self, cfg: model.ModelConfig, rows: int, max_len: int, dtype, device, ring: bool = True):
         # ring=False (the batch-invariant mode): sliding layers get full caches too, so every key
         # sits at the index of its position (the window is still applied by attention's mask)
         self.sliding = [ring and t == "sliding_attention" for t in cfg.layer_types]
@@ -121,7 +98,7 @@ class KVCache:
         self.pos_ring = torch.full((rows, self.ring), -1, dtype=torch.long, device=device)
         self.lens = torch.zeros(rows, dtype=torch.long, device=device)  # tokens stored per row
         self.arange = torch.arange(rows, device=device)
-        self.plan = None
+        self.plan: Plan | None = None
 
     def swap(self, a: list[int], b: list[int]):
         """Exchange rows a[i] <-> b[i] of every tensor (the active set moves to the front)."""
@@ -138,12 +115,14 @@ class KVCache:
         ring_idx = rows * self.ring + pos % self.ring
         self.pos_full.view(-1).index_copy_(0, full_idx, pos)
         self.pos_ring.view(-1).index_copy_(0, ring_idx, pos)
-        self.plan = ("decode", n, view, full_idx, ring_idx)
+        self.plan = Plan(True, n, view, full_idx, ring_idx)
         return pos[:, None]
 
     def plan_chunk(self, n: int, chunk_lens: torch.Tensor) -> torch.Tensor:
-        """Rows [0, n) each feed chunk_lens[i] >= 1 tokens (right-padded to T); returns positions
-        (n, T) with -1 on pads. Builds the write indices once for all layers."""
+        """Rows [0, n) each feed chunk_lens[i] >= 1 tokens, right-padded to T; returns positions
+        (n, T) with -1 on pads (they see nothing, are seen by nothing, and are never written).
+        A sliding layer returns cat(ring before the chunk, the chunk), so a chunk longer than the
+        window still sees the keys before it, then stores only each row's last W positions."""
         device = self.lens.device
         T = int(chunk_lens.max())
         start = self.lens[:n]  # (n,)
@@ -159,36 +138,32 @@ class KVCache:
         ring_kpos = torch.cat([self.pos_ring[:n], positions], dim=1)  # (n, ring + T): before the chunk
         self.pos_full.view(-1).index_copy_(0, full_dst, positions[r, c])
         self.pos_ring.view(-1).index_copy_(0, ring_dst, positions[rr, rc])
-        view = int(end.max())
-        self.plan = ("chunk", n, view, full_dst, full_src, ring_dst, ring_src, ring_kpos)
+        self.plan = Plan(False, n, int(end.max()), full_dst, ring_dst, full_src, ring_src, ring_kpos)
         self.lens[:n] = end
         return positions
 
     def update(self, layer: int, k, v, positions):
         """Store the new keys k, v (n, T, Hkv, D) of `layer`; return (k, v, k_pos) for every key
         rows [0, n) may attend to (the mask in `attention` sorts out visibility)."""
-        kc, vc = self.k[layer], self.v[layer]
-        n, L = kc.shape[0], kc.shape[1]
-        flat_k, flat_v = kc.view(n * L, *kc.shape[2:]), vc.view(n * L, *vc.shape[2:])
-        mode, rows, view = self.plan[:3]
-        if mode == "decode":
-            idx = self.plan[4] if self.sliding[layer] else self.plan[3]
-            flat_k.index_copy_(0, idx, k[:, 0])
-            flat_v.index_copy_(0, idx, v[:, 0])
-            if self.sliding[layer]:
-                return kc[:rows], vc[:rows], self.pos_ring[:rows]
-            return kc[:rows, :view], vc[:rows, :view], self.pos_full[:rows, :view]
-        _, _, _, full_dst, full_src, ring_dst, ring_src, ring_kpos = self.plan
-        k_rows, v_rows = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])  # (n * T, Hkv, D)
-        if self.sliding[layer]:
-            k_all = torch.cat([kc[:rows], k], dim=1)  # (n, ring + T, Hkv, D): before the chunk + chunk
-            v_all = torch.cat([vc[:rows], v], dim=1)
-            flat_k.index_copy_(0, ring_dst, k_rows.index_select(0, ring_src))
-            flat_v.index_copy_(0, ring_dst, v_rows.index_select(0, ring_src))
-            return k_all, v_all, ring_kpos
-        flat_k.index_copy_(0, full_dst, k_rows.index_select(0, full_src))
-        flat_v.index_copy_(0, full_dst, v_rows.index_select(0, full_src))
-        return kc[:rows, :view], vc[:rows, :view], self.pos_full[:rows, :view]
+        plan, sliding = self.plan, self.sliding[layer]
+        kc, vc = self.k[layer], self.v[layer]  # (rows, slots, Hkv, D)
+        rows = plan.rows
+        dst = plan.ring_dst if sliding else plan.full_dst
+        if plan.decode:
+            new_k, new_v = k[:, 0], v[:, 0]  # (n, Hkv, D)
+        else:
+            src = plan.ring_src if sliding else plan.full_src
+            new_k = k.reshape(-1, *k.shape[2:]).index_select(0, src)  # (n * T, Hkv, D) -> kept tokens
+            new_v = v.reshape(-1, *v.shape[2:]).index_select(0, src)
+        if not sliding:  # views: they show the write below
+            seen = kc[:rows, :plan.view], vc[:rows, :plan.view], self.pos_full[:rows, :plan.view]
+        elif plan.decode:
+            seen = kc[:rows], vc[:rows], self.pos_ring[:rows]
+        else:  # (n, W + T, Hkv, D) copies made before the write: the ring as it was, then the chunk
+            seen = torch.cat([kc[:rows], k], dim=1), torch.cat([vc[:rows], v], dim=1), plan.ring_kpos
+        kc.view(-1, *kc.shape[2:]).index_copy_(0, dst, new_k)
+        vc.view(-1, *vc.shape[2:]).index_copy_(0, dst, new_v)
+        return seen
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,8 +183,16 @@ def check_sampling(temperature, top_p, top_k, max_new_tokens=1):
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None):
-    """logits (n, V) fp32 -> tokens (n,), logprobs (n,) under the distribution sampled from
-    (temperature, then top-k, then top-p, renormalised), raw_logprobs (n,) = log_softmax(logits)."""
+    """logits (n, V) fp32 -> tokens (n,), logprobs (n,), raw_logprobs (n,), vectorised over rows.
+
+    logprobs: under the distribution actually drawn from: logits / temperature, then top-k, then
+    top-p, renormalised over the survivors (vLLM's "processed_logprobs"; pi_rollout for rollout
+    correction). Greedy (temperature 0) draws from a point mass: 0.0. raw_logprobs: the raw
+    log-softmax (temperature 1, no filter: vLLM's default and the trainer's model.token_logprobs);
+    at temperature 1 without filters the two are the same numbers. fp32 (fp64 for a float64 model).
+    The draw is the exponential race argmax(logp - log E), E ~ Exp(1) from `generator` (the
+    Gumbel-max trick: exact, no normalisation, no host sync). One sort serves top-k and top-p
+    (topk alone when only top-k)."""
     raw = torch.log_softmax(logits, dim=-1)  # (n, V)
     if temperature == 0:  # greedy: a point mass, log-prob 0
         tokens = logits.argmax(dim=-1)
@@ -249,36 +232,36 @@ class Sampler:
     pack_experts: fp32 on the CPU, multiply by expert matrices packed once for oneDNN (1.4x faster
     decoding at batch 32 on the "small" preset, slower for small matrices such as the "tiny"
     preset's; Transformer.set_packed_experts). A shared model changed by a fused optimizer or
-    through .data needs update_weights(model) afterwards.
+    through .data needs update_weights(net) afterwards.
     compile: run the decode steps through torch.compile (one graph for every batch size and
     length; the first generate compiles it, 20-45 s on this CPU), which fuses the small ops
     between the matrix products: 1.1-1.2x faster decoding at batch 8-32 on the "small" preset,
     nothing at batch 1. Its kernels round differently from the eager ones (fp32 log-probs within
     1e-5; in bf16 greedy rows may part after a few tokens), so not with batch_invariant."""
 
-    def __init__(self, model: M.Transformer, dtype: torch.dtype | None = None, device=None,
+    def __init__(self, net: model.Transformer, dtype: torch.dtype | None = None, device=None,
                  batch_invariant: bool | None = None, pack_experts: bool = False, compile: bool = False):
-        on = model.batch_invariant if batch_invariant is None else batch_invariant
+        on = net.batch_invariant if batch_invariant is None else batch_invariant
         if compile and on:  # before anything changes a shared model
             raise ValueError("compile=True cannot keep the batch-invariant mode's bits: compiled "
                              "kernels fuse and round differently from the trainer's eager ones")
-        p0 = next(model.parameters())
+        p0 = next(net.parameters())
         self.pack_experts = pack_experts
         self.dtype = dtype or p0.dtype
         self.device = torch.device(device) if device is not None else p0.device
         if self.dtype == p0.dtype and self.device == p0.device:
-            self.model, self.shared = model, True
+            self.model, self.shared = net, True
         else:
             with torch.device("meta"):
-                copy = type(model)(model.config)
+                copy = type(net)(net.config)
             self.model, self.shared = copy.to(self.dtype).to_empty(device=self.device), False
             self.model.requires_grad_(False)
-            self.update_weights(model)
+            self.update_weights(net)
         if pack_experts:
             self.model.set_packed_experts(True)
         if on != self.model.batch_invariant:  # a shared module changes for its trainer too
             self.model.set_batch_invariant(on)
-        self.config = model.config
+        self.config = net.config
         # dynamic: the rows and the cache length change from step to step, one graph serves all
         self.decode_hidden = torch.compile(self.model.hidden, dynamic=True) if compile else self.model.hidden
 
@@ -348,7 +331,10 @@ def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
 
 class Session:
     """B rows sharing one cache. Row states: ready (will run on the next generate), paused (its
-    turn ended; append() makes it ready again), done (finish() called). See the module docstring."""
+    turn ended; append() makes it ready again), done (finish() called). max_len preallocates that
+    many slots per row for prompt + generated + appended tokens: generate() and append() raise
+    ValueError before any work when a row would exceed it. Same seed, same prompts: same tokens
+    (a row's draws depend on which rows are active, so not on the seed alone)."""
 
     def __init__(self, sampler: Sampler, prompts, max_len: int | None = None):
         cfg = sampler.config
@@ -452,7 +438,9 @@ class Session:
                  top_k: int = 0, stop_tokens=None, seed: int | None = None,
                  generator: torch.Generator | None = None) -> dict[int, Completion]:
         """Run every ready row until it samples a stop token or max_new_tokens; returns
-        {row: Completion} for those rows, which are paused afterwards."""
+        {row: Completion} for those rows, which are paused afterwards. Raises ValueError before
+        any work when a ready row's tokens + max_new_tokens would exceed max_len."""
+        # 1. Check the arguments and every ready row's room in the cache.
         check_sampling(temperature, top_p, top_k, max_new_tokens)
         stops = _check_tokens(stop_tokens or [], self.cfg.vocab_size, "stop_tokens")
         rows = self.ready
@@ -464,9 +452,22 @@ class Session:
                                  f"exceed max_len={self.max_len} (pass a larger max_len to session())")
         if generator is None and seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        stop_t = torch.tensor(stops, device=self.device) if stops else None
 
-        # Prefill / append: every ready row's unfed tokens in one chunk forward.
+        def draw(logits):  # looked up at each call: parity.py forces its tokens through `sample`
+            return sample(logits, temperature, top_k, top_p, generator)
+
+        # 2. Prefill: every ready row's unfed tokens in one chunk forward.
+        rows, logits = self._prefill(rows)
+        # 3. Decode: one token per active row per step; rows that hit a stop token leave the batch.
+        view0 = max(len(self.tokens[r]) for r in rows)  # the longest row when the decode starts
+        buf, ended = self._decode(logits, len(rows), view0, max_new_tokens, draw, stops)
+        # 4. Record: one transfer to the host, then each row's tokens, log-probs and state.
+        return self._record(rows, buf, ended, set(stops))
+
+    def _prefill(self, rows: list[int]):
+        """Move the ready rows to the front of the cache and feed each its unfed tokens (the
+        prompt, or the last sampled token and the appended ones), right-padded into one forward.
+        Returns the rows in cache-slot order and the logits (n, V) at each row's last token."""
         self._to_front([self.slot_of_row[r] for r in rows])
         n = len(rows)
         rows = self.row_of_slot[:n]  # in slot order
@@ -475,20 +476,24 @@ class Session:
         ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=self.device)  # (n, T)
         chunk_lens = torch.tensor([len(c) for c in chunks], device=self.device)
         positions = self.cache.plan_chunk(n, chunk_lens)
-        logits = self._forward(ids, positions, chunk_lens - 1)
-        fed0 = {r: len(self.tokens[r]) for r in rows}
-        view0 = max(fed0.values())  # the longest row's length when the decode steps start
+        return rows, self._forward(ids, positions, chunk_lens - 1)
 
-        # Decode: one token per active row per step; finished rows leave the batch.
-        # tokens, logp, raw per session row and step (token ids < 2^24 are exact in fp32)
+    def _decode(self, logits, n: int, view0: int, max_new_tokens: int, draw, stops: list[int]):
+        """Sample from `logits`, feed the token back, repeat: one model forward per step for the
+        n active rows, which stay in cache rows [0, n) (a row that stops swaps with the last
+        active one), so each step works on a prefix of the cache through views and finished rows
+        cost nothing. Stop tokens cost one host sync per step (a `nonzero`); none, no sync.
+        Returns buf (3, steps, rows of the session): token, logp, raw per step and session row
+        (token ids < 2^24 are exact in fp32), and {row: tokens generated} for rows that stopped."""
         buf = torch.empty(3, max_new_tokens, len(self), dtype=logits.dtype, device=self.device)
-        ended = {}  # row -> tokens generated this turn
+        stop_t = torch.tensor(stops, device=self.device) if stops else None
+        ended = {}
         for t in range(max_new_tokens):
             if t > 0:
                 positions = self.cache.plan_decode(n, view0 + t)
                 logits = self._forward(self.cur[:n, None], positions)
                 self.cache.lens[:n] += 1
-            tok, logp, raw = sample(logits, temperature, top_k, top_p, generator)
+            tok, logp, raw = draw(logits)
             self.cur[:n] = tok
             buf[:, t].index_copy_(1, self.row_dev[:n], torch.stack([tok.to(buf.dtype), logp, raw]))
             if t == max_new_tokens - 1:
@@ -503,20 +508,25 @@ class Session:
                     n -= len(hit)
                     if n == 0:
                         break
-        steps = t + 1
-        toks, lps, raws = (x.T.tolist() for x in buf[:, :steps].unbind(0))  # one transfer per turn
+        return buf[:, :t + 1], ended
+
+    def _record(self, rows: list[int], buf, ended: dict[int, int], stops: set[int]) -> dict[int, Completion]:
+        """Append each row's generated tokens (mask 1) and log-probs, and pause it. Its last
+        sampled token (e.g. <|call|>) has not been through the model yet: the next turn's chunk
+        feeds it with the appended tokens."""
+        steps = buf.shape[1]
+        toks, lps, raws = (x.T.tolist() for x in buf.unbind(0))  # one transfer per turn
         out = {}
-        stopset = set(stops)
         for r in rows:
             k = ended.get(r, steps)
             gen = [int(x) for x in toks[r][:k]]
-            reason = "stop" if gen[-1] in stopset else "length"
+            reason = "stop" if gen[-1] in stops else "length"
             out[r] = Completion(gen, lps[r][:k], raws[r][:k], reason)
+            self.fed[r] = len(self.tokens[r]) + k - 1  # the last sampled token is not through the model yet
             self.tokens[r] += gen
             self.mask[r] += [1] * k
             self.logprobs[r] += lps[r][:k]
             self.raw_logprobs[r] += raws[r][:k]
-            self.fed[r] = fed0[r] + k - 1  # the last sampled token is not through the model yet
             self.finish_reasons[r].append(reason)
             self.state[r] = PAUSED
         return out
@@ -556,7 +566,7 @@ def main(argv=None):
     if not os.path.exists(tok_path):
         raise SystemExit(f"no tokenizer.json in {args.checkpoint}")
     tokenizer = Tokenizer.from_file(tok_path)
-    net = M.Transformer.from_pretrained(args.checkpoint, dtype=dtype, device=device).eval()
+    net = model.Transformer.from_pretrained(args.checkpoint, dtype=dtype, device=device).eval()
     # Harmony, one user message, then the assistant's turn header (the model writes the rest).
     text = f"<|start|>user<|message|>{args.prompt}<|end|><|start|>assistant"
     prompt = tokenizer.encode(text, add_special_tokens=False).ids
