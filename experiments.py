@@ -351,10 +351,11 @@ def warm_start_with_sinks(argv: list[str]) -> None:
     import torch
     import env as E
     import train
+    from harmony import Harmony, save_tokenizer
     args = train.parse_args(argv)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     d = train.Dist("cpu")
-    harmony = E.Harmony(E.toy_tokenizer())
+    harmony = Harmony(E.toy_tokenizer())
     model = train.build_model(args, harmony)
     with torch.no_grad():
         for layer in model.layers:
@@ -372,7 +373,7 @@ def warm_start_with_sinks(argv: list[str]) -> None:
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    E.save_tokenizer(harmony.tokenizer, os.path.join(tmp, "tokenizer.json"))
+    save_tokenizer(harmony.tokenizer, os.path.join(tmp, "tokenizer.json"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     print("sinks after the warm start:",

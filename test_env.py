@@ -1,13 +1,12 @@
-"""Tests for env.py: harmony rendering/parsing, the toy tokenizer, the environments, fuzzing."""
+"""Tests for env.py: the environments, their tools, rewards and scripted experts, fuzzing."""
 import json
 import random
 import time
 
 import pytest
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 import env
-from env import CALL, CHANNEL, CONSTRAIN, END, MESSAGE, RETURN, START, Message
+from harmony import CALL, END, RETURN, START, Harmony, Message, tool_reply
 
 NAMES = ("calculator", "lookup", "guess")
 TOOL_OF = {"calculator": "calculator", "lookup": "search", "guess": "guess"}
@@ -20,143 +19,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def harmony(tok):
-    return env.Harmony(tok)
-
-
-def o200k_like_tokenizer() -> Tokenizer:
-    """A byte-level tokenizer whose harmony specials sit at o200k_harmony's ids (SPEC section 3)."""
-    b2c = env._byte_to_char()
-    specials = {"<|startoftext|>": 199998, "<|endoftext|>": 199999, "<|return|>": 200002,
-                "<|constrain|>": 200003, "<|channel|>": 200005, "<|start|>": 200006,
-                "<|end|>": 200007, "<|message|>": 200008, "<|call|>": 200012}
-    t = Tokenizer(models.BPE(vocab={**{b2c[b]: b for b in range(256)}, **specials}, merges=[]))
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    t.decoder = decoders.ByteLevel()
-    t.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    return t
-
-
-# ---------------------------------------------------------------------------------------------
-# Harmony rendering: SPEC.md section 3, character for character
-
-def test_render_matches_spec_examples():
-    # `<|start|>{role}[ to={recipient}][<|channel|>{channel}[ <|constrain|>{type}]]<|message|>{content}<|end|>`
-    assert env.render(Message("user", "What is 2+2?")) == "<|start|>user<|message|>What is 2+2?<|end|>"
-    assert env.render(Message("assistant", "thinking", "analysis")) == \
-        "<|start|>assistant<|channel|>analysis<|message|>thinking<|end|>"
-    # A tool call by the model.
-    call = env.tool_call("lookup", {"q": "Bob"})
-    assert env.render(call) == \
-        '<|start|>assistant<|channel|>commentary to=functions.lookup <|constrain|>json<|message|>{"q":"Bob"}<|call|>'
-    # The tool's reply.
-    assert env.render(env.tool_reply("lookup", "Bob city=Oslo")) == \
-        "<|start|>functions.lookup to=assistant<|channel|>commentary<|message|>Bob city=Oslo<|end|>"
-    # A final answer ends with <|return|>, replaced by <|end|> in history.
-    assert env.render(env.final("42")) == "<|start|>assistant<|channel|>final<|message|>42<|return|>"
-    assert env.render(Message("assistant", "42", "final")) == "<|start|>assistant<|channel|>final<|message|>42<|end|>"
-    # A prompt hands the turn to the assistant; the model writes from <|channel|> on.
-    assert env.render_conversation([Message("user", "hi")]) == "<|start|>user<|message|>hi<|end|><|start|>assistant"
-    assert env.completion(call) == \
-        '<|channel|>commentary to=functions.lookup <|constrain|>json<|message|>{"q":"Bob"}<|call|>'
-
-
-def test_special_ids_are_looked_up_by_string():
-    h = env.Harmony(o200k_like_tokenizer())
-    assert h.ids == {"<|startoftext|>": 199998, "<|endoftext|>": 199999, "<|return|>": 200002,
-                     "<|constrain|>": 200003, "<|channel|>": 200005, "<|start|>": 200006,
-                     "<|end|>": 200007, "<|message|>": 200008, "<|call|>": 200012}
-    assert h.stop_token_ids == [200002, 200012, 200007]
-    ids = h.render_ids([env.tool_call("lookup", {"q": "x"})], next_role=None)
-    assert ids[0] == 200006 and ids[-1] == 200012 and 200005 in ids and 200003 in ids and 200008 in ids
-    assert h.parse_message(ids) == env.tool_call("lookup", {"q": "x"})
-    # The same environment code runs on it (everything but the specials is bytes there).
-    e = env.make_env("calculator", tokenizer=h)
-    ep = e.expert_episode(3)
-    assert ep.reward == 1.0 and e.harmony.ids[START] == 200006
-    with pytest.raises(ValueError, match="not a harmony tokenizer"):
-        env.Harmony(Tokenizer(models.BPE(vocab={"a": 0}, merges=[])))
-
-
-def random_assistant_message(rng: random.Random) -> Message:
-    alphabet = "abcXYZ 0123456789{}[]\":,.-+*/()?!\n\té✓漢<|>"
-    content = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
-    content = content.replace("<|", "<")  # a special-token string inside content is not representable
-    kind = rng.randrange(4)
-    if kind == 0:
-        return Message("assistant", content, "analysis")
-    if kind == 1:
-        return Message("assistant", content, "commentary", f"functions.{rng.choice(env.TOOL_NAMES)}",
-                       rng.choice([None, "json"]), CALL)
-    if kind == 2:
-        return Message("assistant", content, "final", end=rng.choice([RETURN, END]))
-    return Message("assistant", content, rng.choice([None, "commentary"]), rng.choice([None, "functions.x"]),
-                   rng.choice([None, "json"]), rng.choice([END, CALL, RETURN]))
-
-
-@pytest.mark.parametrize("which", ["toy", "o200k"])
-def test_parse_inverts_render(which, tok):
-    h = env.Harmony(tok if which == "toy" else o200k_like_tokenizer())
-    rng = random.Random(0)
-    for _ in range(500):
-        m = random_assistant_message(rng)
-        text = env.render(m)
-        assert env.parse_message(text) == m  # text level
-        assert h.parse_message(h.encode(text)) == m  # token level
-        assert h.parse_message(h.encode(env.completion(m))) == m  # as generated, after <|start|>assistant
-    # Non-assistant messages and whole conversations too.
-    conv = [Message("system", "sys"), Message("developer", "dev"), Message("user", "q"),
-            env.tool_call("calculator", {"expr": "1+2"}), env.tool_reply("calculator", "3"), env.final("3")]
-    assert h.parse(h.render_ids(conv, next_role=None), first_role=None) == conv
-
-
-def test_parse_accepts_recipient_in_header():
-    m = env.parse_message(' to=functions.guess<|channel|>commentary <|constrain|>json<|message|>{"n":3}<|call|>')
-    assert (m.role, m.channel, m.recipient, m.constrain, m.content, m.end) == \
-        ("assistant", "commentary", "functions.guess", "json", '{"n":3}', CALL)
-
-
-@pytest.mark.parametrize("text, error", [
-    ("<|channel|>final<|message|>42", "missing stop token"),
-    ("<|channel|>final<|message|>42<|return|>junk", "continues after the stop"),
-    ("<|channel|>final 42<|return|>", "missing <|message|>"),
-    ("<|channel|>final<|message|>4<|channel|>2<|return|>", "in message content"),
-    ("<|channel|>fi nal<|message|>42<|return|>", "bad message header"),
-    ("<|channel|>commentary to=a to=b<|message|>{}<|call|>", "bad message header"),
-    ("<|channel|>commentary to=x y<|message|>{}<|call|>", "bad message header"),
-    ("<|constrain|>json<|channel|>final<|message|>42<|return|>", "unexpected <|channel|>"),
-    ("<|start|><|channel|>final<|message|>42<|return|>", "bad role"),
-    ("<|channel|>commentary to=функция<|message|>{}<|call|>", "bad recipient"),
-])
-def test_parse_errors(text, error):
-    with pytest.raises(env.HarmonyError, match=error.replace("|", r"\|")):
-        env.parse(text)
-
-
-def test_spelled_out_specials_are_text(harmony):
-    # The model writes "<|return|>" with ordinary byte tokens: no stop token was generated.
-    text_ids = harmony.encode("<|channel|>final<|message|>42")
-    spelled = [b for ch in "<|return|>" for b in ch.encode()]  # byte ids == byte values in the toy
-    with pytest.raises(env.HarmonyError, match="missing stop token"):
-        harmony.parse(text_ids + spelled)
-    m = harmony.parse_message(text_ids + spelled + [harmony.ids[RETURN]])
-    assert m.content == "42<|return|>"
-
-
-# ---------------------------------------------------------------------------------------------
-# The toy tokenizer
-
-def test_toy_tokenizer_is_deterministic_small_and_round_trips(tok, tmp_path):
-    assert env.toy_tokenizer().to_str() == tok.to_str()
-    assert tok.get_vocab_size() < 512 and env.Harmony(tok).vocab_size == tok.get_vocab_size()
-    path = env.save_tokenizer(tok, str(tmp_path))
-    assert path.endswith("tokenizer.json")
-    loaded = env.load_tokenizer(str(tmp_path))
-    assert loaded.to_str() == tok.to_str()
-    rng = random.Random(1)
-    for _ in range(200):  # any text encodes (byte-level) and decodes back
-        text = "".join(chr(rng.choice([rng.randrange(32, 127), rng.randrange(0x80, 0x3000)])) for _ in range(30))
-        ids = loaded.encode(text, add_special_tokens=False).ids
-        assert loaded.decode(ids, skip_special_tokens=False) == text
+    return Harmony(tok)
 
 
 def test_calculator_questions_have_one_shape():
@@ -172,7 +35,7 @@ def test_recurring_pieces_are_single_tokens(harmony):
         assert len(harmony.encode(piece)) == 1, piece
     call = harmony.encode(env.completion(env.tool_call("calculator", {"expr": "123*45+678"})))
     assert len(call) == 8 + len("123*45+678")  # 8 fixed tokens + one per character of the expression
-    reply = harmony.encode(env.render(env.tool_reply("guess", "higher")) + START + "assistant")
+    reply = harmony.encode(env.render(tool_reply("guess", "higher")) + START + "assistant")
     assert len(reply) == 9
 
 
@@ -245,7 +108,7 @@ def test_blind_spot_errs_on_one_kind_of_question_only(name, kind):
     assert not env.make_env("guess").in_blind_spot()  # every guess prompt is the same: no kind to single out
 
 
-def random_tokens(rng: random.Random, h: env.Harmony, structured: list[int]) -> list[int]:
+def random_tokens(rng: random.Random, h: Harmony, structured: list[int]) -> list[int]:
     n = rng.randrange(0, 60)
     ids = [rng.choice(structured) if rng.random() < 0.5 else rng.randrange(0, 2048) for _ in range(n)]
     if rng.random() < 0.7:
@@ -416,42 +279,6 @@ def test_full_prompt_declares_tools():
 
 
 # ---------------------------------------------------------------------------------------------
-# The calculator's safe parser
-
-@pytest.mark.parametrize("expr, out", [
-    ("2+3*4", "14"), ("(2+3)*4", "20"), ("2**10", "1024"), ("2^10", "1024"), ("2**3**2", "512"),
-    ("-2**2", "-4"), ("2**-1", "0.5"), ("-3--3", "0"), ("7/2", "3.5"), ("1/3", "0.333333"),
-    (" 12 * ( 3 + 4 ) ", "84"), ("1.5*2", "3"), ("+-+1", "-1"), ("10/4*2", "5"),
-    ("1/0", "error: division by zero"), ("0**-1", "error: division by zero"), ("(1-1)**-2", "error: division by zero"),
-    ("2**0.5", "error: exponent must be an integer"), ("9**9**9", "error: number too large"),
-    ("2**100000000", "error: number too large"), ("10**80", "error: number too large"),
-    ("1" * 41, "error: number literal too long"), ("(" * 50 + "1" + ")" * 50, "error: expression nested too deeply"),
-    ("-" * 60 + "1", "error: expression nested too deeply"), ("1+", "error: unexpected end of expression"),
-    ("(1", "error: unexpected end of expression"), ("1)", "error: unexpected ')'"), ("", "error: empty expression"),
-    ("1e5", "error: unexpected character 'e'"), ("__import__('os')", "error: unexpected character '_'"),
-    ("١٢٣+4", "error: unexpected character '١'"), ("1" * 201, "error: expression longer than 200 characters"),
-])
-def test_calculate(expr, out):
-    assert env.calculate(expr) == out
-
-
-def test_calculate_fuzz():
-    rng = random.Random(0)
-    alphabet = "0123456789+-*/^()). "
-    start, n = time.perf_counter(), 0
-    for _ in range(3000):
-        s = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 80)))
-        out = env.calculate(s)
-        assert isinstance(out, str) and len(out) < 100
-        n += 1
-    for s in ["1+" * 500000 + "1", "(" * 10**6, "9" * 10**6, "\u0000" * 10**6, None, 12]:
-        t = time.perf_counter()
-        assert env.calculate(s).startswith("error: ")
-        assert time.perf_counter() - t < 0.5
-    assert time.perf_counter() - start < 20
-
-
-# ---------------------------------------------------------------------------------------------
 # Fuzzing the environments: no exception, bounded time per step
 
 def random_message(rng: random.Random, name: str) -> Message:
@@ -575,19 +402,3 @@ def test_mixture_and_factory():
     with pytest.raises(ValueError, match="unknown environment"):
         env.make_env("chess")
     assert env.make_env("guess", n=64).budget == 7
-
-
-def test_transcript_readable(harmony):
-    e = env.make_env("calculator", tokenizer=harmony)
-    ep = e.expert_episode(0)
-    text = e.transcript(ep.token_ids)
-    lines = text.splitlines()
-    assert lines[0] == f"user: What is {e.expr}?"
-    assert lines[1] == f'assistant/commentary -> functions.calculator: {{"expr":"{e.expr}"}}  <|call|>'
-    assert lines[2] == f"functions.calculator/commentary -> assistant: {e.answer}"
-    assert lines[3] == f"assistant/final: {e.answer}  <|return|>"
-    raw = e.transcript(ep.token_ids, raw=True)
-    assert raw.replace("\n", "") == harmony.decode(ep.token_ids)
-    # A broken generation still renders.
-    ids = e.reset(0).token_ids + harmony.encode("<|channel|>final<|message|>") + [harmony.ids[CALL]] * 2
-    assert "!! malformed" in e.transcript(ids)

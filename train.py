@@ -44,6 +44,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import env as E
+from harmony import Harmony, load_tokenizer, save_tokenizer
 import model as M
 import ppo
 import sampler as S
@@ -319,7 +320,7 @@ class EnvPool:
     """Environment instances to play many episodes at once: one instance per concurrent episode
     (an environment holds one episode's state), created on first use and reused."""
 
-    def __init__(self, harmony: E.Harmony):
+    def __init__(self, harmony: Harmony):
         self.harmony, self.free = harmony, {}
 
     def take(self, names: list[str]) -> list:
@@ -543,7 +544,7 @@ def save_checkpoint(run_dir, full_model, model, opt, harmony, state: dict, d: Di
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         full_model.save_pretrained(tmp)
-        E.save_tokenizer(harmony.tokenizer, os.path.join(tmp, "tokenizer.json"))
+        save_tokenizer(harmony.tokenizer, os.path.join(tmp, "tokenizer.json"))
         tensors = {f"{name}::{k}": v for name, st in opt_state["state"].items() for k, v in st.items()}
         os.makedirs(os.path.join(tmp, "trainer"))
         save_file(tensors, os.path.join(tmp, OPTIMIZER_FILE))
@@ -641,7 +642,7 @@ def main(argv=None):
     run_dir = os.path.join(args.out, args.name)
     os.makedirs(run_dir, exist_ok=True)
     tok_source = os.path.join(args.init_from, "tokenizer.json") if args.init_from else None
-    harmony = E.Harmony(E.load_tokenizer(tok_source) if tok_source else E.toy_tokenizer())
+    harmony = Harmony(load_tokenizer(tok_source) if tok_source else E.toy_tokenizer())
     full_model = build_model(args, harmony).to(d.device)  # the sampler's weights (and the checkpoints')
     full_model.set_batch_invariant(args.batch_invariant)  # a deepcopy for the trainer keeps the flag
     if full_model.config.vocab_size < harmony.vocab_size:
