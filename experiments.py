@@ -5,7 +5,8 @@
     python experiments.py --quick         # a seconds-long smoke run of the same pipeline
     python experiments.py --analyze-only  # table and plots again from results/runs/*/metrics.jsonl
 
-What it runs (every run is one `train.py` process with --threads 1, up to --jobs at a time):
+What it runs (every run is one `train.py` process with --threads 1, up to --jobs at a time;
+runner.py runs them, reusing finished runs whose options and code are unchanged):
 1. A warm start per seed: train.py --steps 0 with the supervised options below (reused while its
    options, and the code it ran, are unchanged).
 2. The grid {no mismatch, no-sink trainer, bf16 sampler} x {off, token-tis, seq-tis, seq-mis},
@@ -30,25 +31,20 @@ What it runs (every run is one `train.py` process with --threads 1, up to --jobs
 
 The no-sink mismatch is only as large as the sinks. Trained from 0 on a toy task, the sinks stay
 near 0 (measured: |sink| < 0.2 after 600 supervised steps) while released GPT-OSS checkpoints
-have sinks of several units; --sink-init starts the warm start's sinks there (they keep
-training), which is the faithful way to give the toy model what the retrospective's model had.
+have sinks of several units; train.py's --sink-init starts the warm start's sinks there (they
+keep training), which is the faithful way to give the toy model what the retrospective's model had.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
-import shutil
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CODE = ("train.py", "model.py", "sampler.py", "env.py", "ppo.py")  # a change in any invalidates a finished run
+import runner
 
 MISMATCHES = {  # name -> (label, train.py options)
     "none": ("no mismatch", []),
@@ -60,6 +56,40 @@ CORRECTIONS = ["off", "token-tis", "seq-tis", "seq-mis"]
 
 def float_or_none(text: str):
     return None if text.lower() == "none" else float(text)
+
+
+# train.py's options that this script passes explicitly (so that a change of train.py's defaults
+# changes no run), as option -> (default, help[, type]); a value of None is not passed.
+SHARED_OPTIONS = {  # every run
+    "--env": ("guess", "train.py --env"),
+    "--temperature": (1.0, "rollout temperature"),
+    "--max-new-tokens": (40, "token limit of one assistant turn"),
+    "--eval-episodes": (32, "held-out episodes (after the warm start and at the end)"),
+}
+WARM_OPTIONS = {  # the warm starts
+    "--preset": ("train", "train.py --preset"),
+    "--sft-steps": (600, "warm start: supervised steps"),
+    "--sft-batch": (32, "warm start: demonstrations per step"),
+    "--sft-lr": (3e-3, "warm start: learning rate"),
+    "--demo-skip-tool": (0.2, "warm start: demonstrations without the tool"),
+    "--demo-mistake": (0.2, "warm start: demonstrations with a wrong step"),
+    "--sink-init": (3.0, "start the warm start's attention sinks at this value, as released GPT-OSS checkpoints "
+                         "have sinks of several units (they keep training); 'none': train.py's own init (0)",
+                    float_or_none),
+}
+RL_OPTIONS = {  # the grid's runs
+    "--steps": (40, "RL steps per run"),
+    "--prompts": (8, "episodes per step"),
+    "--group-size": (8, "rollouts per episode"),
+    "--lr": (3e-4, "RL learning rate"),
+    "--grad-clip": (1.0, "max gradient norm (the table reports the norm before clipping)"),
+}
+
+
+def passed(args, options: dict) -> list[str]:
+    """The options of one of the tables above with this invocation's values, for train.py's argv."""
+    values = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in options}
+    return [x for flag, value in values.items() if value is not None for x in (flag, str(value))]
 
 
 def parse_args(argv=None):
@@ -82,26 +112,12 @@ def parse_args(argv=None):
     g.add_argument("--analyze-only", action="store_true", help="no training: table and plots from existing runs")
     g.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the grid runs' checkpoints (default: delete them when a run ends; warm starts are kept)")
-    g = p.add_argument_group("task, model and warm start (passed to train.py explicitly)")
-    g.add_argument("--env", default="guess", help="train.py --env")
-    g.add_argument("--preset", default="train", help="train.py --preset")
-    g.add_argument("--sft-steps", type=int, default=600, help="warm start: supervised steps")
-    g.add_argument("--sft-batch", type=int, default=32, help="warm start: demonstrations per step")
-    g.add_argument("--sft-lr", type=float, default=3e-3, help="warm start: learning rate")
-    g.add_argument("--demo-skip-tool", type=float, default=0.2, help="warm start: demonstrations without the tool")
-    g.add_argument("--demo-mistake", type=float, default=0.2, help="warm start: demonstrations with a wrong step")
-    g.add_argument("--sink-init", type=float_or_none, default=3.0,
-                   help="start the warm start's attention sinks at this value, as released GPT-OSS checkpoints "
-                        "have sinks of several units (they keep training); 'none': train.py's own init (0)")
-    g = p.add_argument_group("reinforcement learning (passed to train.py explicitly)")
-    g.add_argument("--steps", type=int, default=40, help="RL steps per run")
-    g.add_argument("--prompts", type=int, default=8, help="episodes per step")
-    g.add_argument("--group-size", type=int, default=8, help="rollouts per episode")
-    g.add_argument("--lr", type=float, default=3e-4, help="RL learning rate")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (the table reports the norm before clipping)")
-    g.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
-    g.add_argument("--max-new-tokens", type=int, default=40, help="token limit of one assistant turn")
-    g.add_argument("--eval-episodes", type=int, default=32, help="held-out episodes (after the warm start and at the end)")
+    for title, options in (("every run (passed to train.py explicitly)", SHARED_OPTIONS),
+                           ("warm start (passed to train.py explicitly)", WARM_OPTIONS),
+                           ("reinforcement learning (passed to train.py explicitly)", RL_OPTIONS)):
+        g = p.add_argument_group(title)
+        for flag, (default, help_text, *kind) in options.items():
+            g.add_argument(flag, type=kind[0] if kind else type(default), default=default, help=help_text)
     args = p.parse_args(argv)
     import ppo  # only for the preset names: cheap, torch is imported by train.py anyway
     bad = [c for c in args.corrections if c not in ppo.CORRECTION_PRESETS]
@@ -119,265 +135,34 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The runs
-
-
-@dataclass
-class Run:
-    name: str  # run directory under <out>/runs
-    argv: list[str]  # train.py options (without --out/--name, which the runner adds)
-    kind: str  # "warm", "cell" or "routing"
-    seed: int
-    mismatch: str = ""
-    correction: str = ""
-    needs: str | None = None  # the warm start's run name
-    total_steps: int = 0  # progress units (supervised or RL steps)
-    status: str = "pending"  # pending, reused, running, done, failed, skipped
-    info: dict = field(default_factory=dict)
-
-
-def warm_dir(out: str, seed: int) -> str:
-    return os.path.join(out, "runs", f"warm-s{seed}")
+# The runs (runner.py runs them)
 
 
 def warm_checkpoint(out: str, seed: int) -> str:
-    return os.path.join(warm_dir(out, seed), "checkpoints", "step-000000")
+    return os.path.join(out, "runs", f"warm-s{seed}", "checkpoints", "step-000000")
 
 
-def plan(args) -> list[Run]:
+def plan(args) -> list[runner.Run]:
     """Every run of the experiment, warm starts first."""
-    common = ["--env", args.env, "--threads", "1", "--temperature", str(args.temperature),
-              "--max-new-tokens", str(args.max_new_tokens), "--eval-episodes", str(args.eval_episodes)]
+    common = ["--threads", "1", *passed(args, SHARED_OPTIONS)]
     runs = []
     for seed in args.seeds:
-        warm = ["--seed", str(seed), "--preset", args.preset, "--steps", "0", "--sft-steps", str(args.sft_steps),
-                "--sft-batch", str(args.sft_batch), "--sft-lr", str(args.sft_lr),
-                "--demo-skip-tool", str(args.demo_skip_tool), "--demo-mistake", str(args.demo_mistake), *common]
-        if args.sink_init is not None:
-            warm += ["--sink-init", str(args.sink_init)]  # handled by this script (see warm_start_with_sinks)
-        runs.append(Run(f"warm-s{seed}", warm, "warm", seed, total_steps=args.sft_steps))
-    rl = ["--steps", str(args.steps), "--prompts", str(args.prompts), "--group-size", str(args.group_size),
-          "--lr", str(args.lr), "--grad-clip", str(args.grad_clip), "--eval-every", str(args.steps),
-          "--save-every", str(args.steps), "--ppo-epochs", "1", "--minibatches", "1", "--advantage", "grpo",
-          "--loss-agg", "token-mean", "--kl-coef", "0", "--entropy-coef", "0", *common]
+        warm = ["--seed", str(seed), "--steps", "0", *passed(args, WARM_OPTIONS), *common]
+        runs.append(runner.Run(f"warm-s{seed}", warm, "warm", seed, total_steps=args.sft_steps))
+    rl = [*passed(args, RL_OPTIONS), "--eval-every", str(args.steps), "--save-every", str(args.steps),
+          "--ppo-epochs", "1", "--minibatches", "1", "--advantage", "grpo", "--loss-agg", "token-mean",
+          "--kl-coef", "0", "--entropy-coef", "0", *common]
     for seed in args.seeds:
         init = ["--init-from", warm_checkpoint(args.out, seed), "--seed", str(seed)]
         for mm in args.mismatches:
             for corr in args.corrections:
-                runs.append(Run(f"{mm}.{corr}-s{seed}", [*init, *rl, *MISMATCHES[mm][1], "--rollout-correction", corr],
+                runs.append(runner.Run(f"{mm}.{corr}-s{seed}", [*init, *rl, *MISMATCHES[mm][1], "--rollout-correction", corr],
                                 "cell", seed, mm, corr, needs=f"warm-s{seed}", total_steps=args.steps))
         if args.routing_noise > 0:
-            runs.append(Run(f"routing-noise-s{seed}", [*init, *rl, "--rollout-correction", "off",
+            runs.append(runner.Run(f"routing-noise-s{seed}", [*init, *rl, "--rollout-correction", "off",
                                                         "--routing-noise", str(args.routing_noise)],
                             "routing", seed, "none", "off", needs=f"warm-s{seed}", total_steps=args.steps))
     return runs
-
-
-def snapshot_code(out: str) -> str:
-    """Copy the project's code to <out>/runs/.code and return its hash: every run of one invocation
-    runs that copy, so editing train.py while the grid runs changes none of its runs."""
-    dest = os.path.join(out, "runs", ".code")
-    os.makedirs(dest, exist_ok=True)
-    h = hashlib.sha256()
-    for name in CODE:
-        with open(os.path.join(HERE, name), "rb") as f:
-            text = f.read()
-        h.update(name.encode() + text)
-        with open(os.path.join(dest, name), "wb") as f:
-            f.write(text)
-    return h.hexdigest()[:16]
-
-
-def file_hash(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def spec(run: Run, out: str, code: str) -> dict:
-    """What a finished run was made from; a run is reused only when this is unchanged."""
-    s = {"argv": run.argv, "code": code}
-    if run.needs:
-        model = os.path.join(out, "runs", run.needs, "checkpoints", "step-000000", "model.safetensors")
-        s["warm_start"] = file_hash(model) if os.path.exists(model) else None
-    return s
-
-
-def done_path(out: str, run: Run) -> str:
-    return os.path.join(out, "runs", run.name, "experiment.json")
-
-
-def finished(out: str, run: Run, code: str) -> bool:
-    try:
-        with open(done_path(out, run)) as f:
-            return json.load(f).get("spec") == spec(run, out, code)
-    except (OSError, ValueError):
-        return False
-
-
-def command(run: Run, out: str) -> list[str]:
-    """The run's process: the snapshot's train.py (its directory comes first on sys.path, so it
-    imports the snapshot's modules), or this script for a warm start with planted sinks when
-    train.py has no --sink-init of its own."""
-    code = os.path.join(out, "runs", ".code")
-    argv = [*run.argv, "--out", os.path.join(out, "runs"), "--name", run.name]
-    if "--sink-init" in argv:
-        with open(os.path.join(code, "train.py")) as f:
-            if '"--sink-init"' not in f.read():
-                return [sys.executable, os.path.abspath(__file__), "--warm-start-with-sinks", code, *argv]
-    return [sys.executable, os.path.join(code, "train.py"), *argv]
-
-
-def steps_logged(out: str, run: Run) -> int:
-    """Progress of a running run: supervised steps (warm start) or RL steps in its metrics.jsonl."""
-    phase = "sft" if run.kind == "warm" else "rl"
-    try:
-        with open(os.path.join(out, "runs", run.name, "metrics.jsonl")) as f:
-            return sum(f'"phase": "{phase}"' in line for line in f)
-    except OSError:
-        return 0
-
-
-def execute(runs: list[Run], args) -> None:
-    """Run what is not finished, up to --jobs at a time, warm starts before the runs that need them."""
-    from tqdm import tqdm
-    code = snapshot_code(args.out)
-    by_name = {r.name: r for r in runs}
-    for run in runs:  # warm starts come first: a run whose warm start reruns reruns too
-        dep = by_name.get(run.needs) if run.needs else None
-        if not args.fresh and finished(args.out, run, code) and (dep is None or dep.status == "reused"):
-            run.status = "reused"
-    todo = [r for r in runs if r.status == "pending"]
-    reused = len(runs) - len(todo)
-    print(f"{len(runs)} runs: {reused} reused (finished, same options and code), {len(todo)} to run, "
-          f"{args.jobs} at a time, 1 thread each; logs in {os.path.join(args.out, 'runs', '<run>', 'train.log')}")
-    running: dict[str, tuple[subprocess.Popen, object, float]] = {}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    bar = tqdm(total=round(sum(cost(r) for r in todo)), unit="RL step", dynamic_ncols=True, desc="experiments",
-               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} {unit}s [{elapsed}<{remaining}] {postfix}")
-    base = 0.0  # work of the runs that ended
-    t0 = time.time()
-    try:
-        loop(todo, running, by_name, args, code, env, bar, base)
-    finally:  # Ctrl-C or an error: stop the processes this runner started
-        for proc, log, _ in running.values():
-            proc.terminate()
-            proc.wait()
-            log.close()
-    bar.close()
-    print(f"runs finished in {time.time() - t0:.0f} s")
-
-
-SFT_STEP_COST = 0.15  # a supervised step costs about this many RL steps (measured: 0.38 s vs 2.5 s of CPU)
-
-
-def cost(run: Run, steps: int | None = None) -> float:
-    """Progress units: RL steps, with supervised steps converted at SFT_STEP_COST."""
-    steps = run.total_steps if steps is None else min(steps, run.total_steps)
-    return steps * (SFT_STEP_COST if run.kind == "warm" else 1.0)
-
-
-def loop(todo, running, by_name, args, code, env, bar, base):
-    while todo or running:
-        for run in list(todo):
-            if len(running) >= args.jobs:
-                break
-            dep = by_name.get(run.needs) if run.needs else None
-            if dep is not None and dep.status in ("pending", "running"):
-                continue
-            todo.remove(run)
-            if dep is not None and dep.status in ("failed", "skipped"):
-                run.status, run.info["error"] = "skipped", f"warm start {dep.name} failed"
-                base += cost(run)
-                continue
-            run_dir = os.path.join(args.out, "runs", run.name)
-            shutil.rmtree(run_dir, ignore_errors=True)
-            os.makedirs(run_dir)
-            log = open(os.path.join(run_dir, "train.log"), "w")
-            proc = subprocess.Popen(command(run, args.out), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE)
-            running[run.name] = (proc, log, time.time())
-            run.status = "running"
-        for name, (proc, log, started) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del running[name]
-            run = by_name[name]
-            run.info["wall_s"] = round(time.time() - started, 1)
-            run_dir = os.path.join(args.out, "runs", name)
-            if proc.returncode == 0:
-                run.status = "done"
-                with open(done_path(args.out, run), "w") as f:
-                    json.dump({"spec": spec(run, args.out, code), "wall_s": run.info["wall_s"],
-                               "command": command(run, args.out)}, f, indent=2)
-                if run.kind != "warm" and not args.keep_checkpoints:
-                    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
-            else:
-                run.status = "failed"
-                run.info["error"] = last_line(os.path.join(run_dir, "train.log"))
-                with open(os.path.join(run_dir, "failed.json"), "w") as f:
-                    json.dump({"returncode": proc.returncode, "error": run.info["error"]}, f, indent=2)
-                bar.write(f"{name}: exit {proc.returncode}: {run.info['error']}")
-            base += cost(run)
-        bar.n = base + sum(cost(by_name[n], steps_logged(args.out, by_name[n])) for n in running)
-        bar.set_postfix_str(" ".join(sorted(running)))
-        bar.refresh()
-        time.sleep(1.0)
-
-
-def last_line(path: str) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            lines = [ln.strip() for ln in f.read().replace("\r", "\n").split("\n") if ln.strip()]
-        return lines[-1][:300] if lines else ""
-    except OSError:
-        return ""
-
-
-# ----------------------------------------------------------------------------------------------
-# A warm start whose sinks start at a given value (train.py has no option for it)
-
-
-def warm_start_with_sinks(argv: list[str]) -> None:
-    """train.py's warm start with every attention sink initialised to --sink-init: the same model,
-    demonstrations and optimiser as `train.py --steps 0` (train.py's own functions), then the
-    HF-format checkpoint in <out>/<name>/checkpoints/step-000000 and the warm-start evaluation."""
-    code, argv = argv[0], argv[1:]
-    sys.path.insert(0, os.path.abspath(code))  # the runner's snapshot of the project's modules
-    i = argv.index("--sink-init")
-    value, argv = float(argv[i + 1]), argv[:i] + argv[i + 2:]
-    import torch
-    import env as E
-    import train
-    from harmony import Harmony, save_tokenizer
-    args = train.parse_args(argv)
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    d = train.Dist("cpu")
-    harmony = Harmony(E.toy_tokenizer())
-    model = train.build_model(args, harmony)
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.self_attn.sinks.fill_(value)
-    run_dir = os.path.join(args.out, args.name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump({**vars(args), "sink_init": value}, f, indent=2)
-    log = train.Log(run_dir, keep_lines=None)
-    if args.sft_steps:
-        train.warm_start(model, args, harmony, log, d)
-    sampler = train.S.Sampler(model)
-    log({"phase": "eval", "step": 0, **train.evaluate(sampler, args, harmony)})
-    final = os.path.join(run_dir, "checkpoints", "step-000000")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    save_tokenizer(harmony.tokenizer, os.path.join(tmp, "tokenizer.json"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    print("sinks after the warm start:",
-          " ".join(f"[{', '.join(f'{s:.2f}' for s in layer.self_attn.sinks.tolist())}]" for layer in model.layers))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -665,71 +450,74 @@ def plot(runs: dict, out: str, mismatches: list[str], corrections: list[str]) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     written = []
-    colors = {c: f"C{i}" for i, c in enumerate(corrections)}
     cells = [r for r in runs.values() if r["kind"] == "cell"]
     for key, title, log in PLOTS:
-        if not any(key in row for r in cells for row in r["rows"]):
-            continue
-        fig, axes = plt.subplots(1, len(mismatches), figsize=(4.2 * len(mismatches), 3.3), sharey=True, squeeze=False)
-        for ax, mm in zip(axes[0], mismatches):
-            for corr in corrections:
-                members = [r for r in cells if r["mismatch"] == mm and r["correction"] == corr]
-                steps, ys = seed_mean(members, key)
-                if not steps:
-                    continue
-                if log:
-                    ys = [y if y > 0 else float("nan") for y in ys]
-                ax.plot(steps, ys, color=colors[corr], alpha=0.25, lw=0.8)
-                ax.plot(steps, smooth(ys, 5), color=colors[corr], lw=1.6, label=corr)
-            ax.set_title(MISMATCHES.get(mm, (mm,))[0], fontsize=10)
-            ax.set_xlabel("RL step")
-            if log:
-                ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel(title, fontsize=9)
-        axes[0][0].legend(fontsize=8, title="correction", title_fontsize=8)
-        fig.suptitle(title + " (mean over seeds; thick: 5-step moving average)", fontsize=10)
-        fig.tight_layout()
-        path = os.path.join(out, key.replace("rollout_corr/", "").replace("/", "_") + ".png")
-        fig.savefig(path, dpi=72)
-        plt.close(fig)
-        written.append(path)
+        if any(key in row for r in cells for row in r["rows"]):
+            fig = plot_metric(plt, cells, key, title, log, mismatches, corrections)
+            written.append(save_figure(plt, fig, out, key.replace("rollout_corr/", "").replace("/", "_")))
     checks = sorted((n, r) for n, r in runs.items()
                     if r["kind"] == "routing" or (r["kind"] == "cell" and r["mismatch"] == "none" and r["correction"] == "off"))
     if checks:
-        fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.3))
-        for i, (name, r) in enumerate(checks):
-            rl = [row for row in r["rows"] if row.get("phase") == "rl"]
-            style = dict(color="C3" if r["kind"] == "routing" else "C0", lw=1.4, marker=".", ms=3,
-                         label=("routing noise " if r["kind"] == "routing" else "on-policy ") + f"s{r['seed']}",
-                         ls="-" if r["seed"] == checks[0][1]["seed"] else "--")
-            axes[0].plot([x["step"] for x in rl], [abs(x.get("ppo_kl", float("nan"))) for x in rl], **style)
-            axes[1].plot([x["step"] for x in rl], [x.get("pg_clipfrac", float("nan")) for x in rl], **style)
-        axes[0].set_title("|ppo_kl| = |mean(old - new log-prob)|", fontsize=10)
-        axes[1].set_title("PPO clip fraction", fontsize=10)
-        for ax in axes:
-            ax.set_xlabel("RL step")
-            ax.grid(alpha=0.3)
-        axes[0].set_yscale("symlog", linthresh=1e-6)
-        axes[1].legend(fontsize=8)
-        fig.suptitle("on-policy ratio check: exactly 0 without the routing flip", fontsize=10)
-        fig.tight_layout()
-        path = os.path.join(out, "ratio_check.png")
-        fig.savefig(path, dpi=72)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(plt, plot_ratio_check(plt, checks), out, "ratio_check"))
     return written
 
 
+def save_figure(plt, fig, out: str, name: str) -> str:
+    fig.tight_layout()
+    path = os.path.join(out, name + ".png")
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+    return path
+
+
+def plot_metric(plt, cells: list[dict], key: str, title: str, log: bool, mismatches: list[str],
+                corrections: list[str]):
+    """One metric's figure: a panel per mismatch, a line per correction."""
+    colors = {c: f"C{i}" for i, c in enumerate(corrections)}
+    fig, axes = plt.subplots(1, len(mismatches), figsize=(4.2 * len(mismatches), 3.3), sharey=True, squeeze=False)
+    for ax, mm in zip(axes[0], mismatches):
+        for corr in corrections:
+            members = [r for r in cells if r["mismatch"] == mm and r["correction"] == corr]
+            steps, ys = seed_mean(members, key)
+            if not steps:
+                continue
+            if log:
+                ys = [y if y > 0 else float("nan") for y in ys]
+            ax.plot(steps, ys, color=colors[corr], alpha=0.25, lw=0.8)
+            ax.plot(steps, smooth(ys, 5), color=colors[corr], lw=1.6, label=corr)
+        ax.set_title(MISMATCHES.get(mm, (mm,))[0], fontsize=10)
+        ax.set_xlabel("RL step")
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(title, fontsize=9)
+    axes[0][0].legend(fontsize=8, title="correction", title_fontsize=8)
+    fig.suptitle(title + " (mean over seeds; thick: 5-step moving average)", fontsize=10)
+    return fig
+
+
+def plot_ratio_check(plt, checks: list[tuple[str, dict]]):
+    """|ppo_kl| and the clip fraction per step of the on-policy runs and the routing-noise runs."""
+    fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.3))
+    for _, r in checks:
+        rl = [row for row in r["rows"] if row.get("phase") == "rl"]
+        style = dict(color="C3" if r["kind"] == "routing" else "C0", lw=1.4, marker=".", ms=3,
+                     label=("routing noise " if r["kind"] == "routing" else "on-policy ") + f"s{r['seed']}",
+                     ls="-" if r["seed"] == checks[0][1]["seed"] else "--")
+        axes[0].plot([x["step"] for x in rl], [abs(x.get("ppo_kl", float("nan"))) for x in rl], **style)
+        axes[1].plot([x["step"] for x in rl], [x.get("pg_clipfrac", float("nan")) for x in rl], **style)
+    axes[0].set_title("|ppo_kl| = |mean(old - new log-prob)|", fontsize=10)
+    axes[1].set_title("PPO clip fraction", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("symlog", linthresh=1e-6)
+    axes[1].legend(fontsize=8)
+    fig.suptitle("on-policy ratio check: exactly 0 without the routing flip", fontsize=10)
+    return fig
+
+
 # ----------------------------------------------------------------------------------------------
-
-
-def children_cpu() -> float:
-    """CPU seconds (user + system) of the finished child processes: the runs' cost without the
-    machine's other load (wall time on a shared machine says more about the neighbours)."""
-    import resource
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
 
 
 def setup_line(args) -> str:
@@ -743,12 +531,10 @@ def setup_line(args) -> str:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--warm-start-with-sinks"]:
-        return warm_start_with_sinks(argv[1:])
     args = parse_args(argv)
-    t0, cpu0 = time.time(), children_cpu()
+    t0, cpu0 = time.time(), runner.children_cpu()
     if not args.analyze_only:
-        execute(plan(args), args)
+        runner.execute(plan(args), args)
     command_line = "python experiments.py" + ("" if not argv else " " + " ".join(argv))
     meta = {"command": command_line, "setup": setup_line(args), "seeds": args.seeds}
     if args.analyze_only:  # keep what the run that made these results recorded
@@ -759,7 +545,7 @@ def main(argv=None):
             pass
     if not args.analyze_only:
         meta["wall_s"] = round(time.time() - t0, 1)
-        meta["cpu_s"] = round(children_cpu() - cpu0, 1)  # of the runs that ran now (reused ones cost nothing)
+        meta["cpu_s"] = round(runner.children_cpu() - cpu0, 1)  # of the runs that ran now (reused ones cost nothing)
     data = analyze(args.out, args.env, args.mismatches, args.corrections, meta)
     with open(os.path.join(args.out, "table.md")) as f:
         print(f.read())

@@ -43,7 +43,6 @@ LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 4.9e8: keeps exp finite in fp32 (and bf16)
 KL_LOG_CLAMP = 10.0  # k3 KL estimator: clamp of the log difference before exp
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-ADVANTAGE_ESTIMATORS = ("grpo", "dr-grpo", "rloo")
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers
@@ -146,12 +145,15 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (g - (g.sum(-1, keepdim=True) - g) / (n - 1)).view(-1)
 
 
+ADVANTAGES = {"grpo": grpo_advantages, "dr-grpo": dr_grpo_advantages, "rloo": rloo_advantages}
+ADVANTAGE_ESTIMATORS = tuple(ADVANTAGES)
+
+
 def compute_advantages(rewards: torch.Tensor, group_size: int, estimator: str = "grpo") -> torch.Tensor:
-    """Dispatch on estimator in ADVANTAGE_ESTIMATORS = ("grpo", "dr-grpo", "rloo"). Returns (B,)."""
-    fns = {"grpo": grpo_advantages, "dr-grpo": dr_grpo_advantages, "rloo": rloo_advantages}
-    if estimator not in fns:
+    """Dispatch on estimator, a name in ADVANTAGES ("grpo", "dr-grpo", "rloo"). Returns (B,)."""
+    if estimator not in ADVANTAGES:
         raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {ADVANTAGE_ESTIMATORS}")
-    return fns[estimator](rewards, group_size)
+    return ADVANTAGES[estimator](rewards, group_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -564,14 +566,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
     The mismatch diagnostics are a separate call: `rollout_mismatch_metrics`.
     """
     m = _as_mask(mask)
-    _check("logp", logp, m)
-    if old_logp is not None:
-        _check("old_logp", old_logp, m)
-    if advantages.dim() == 1 and advantages.shape[0] != m.shape[0]:
-        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, "
-                         f"expected ({m.shape[0]},) or {tuple(m.shape)}")
-    adv = advantages[:, None].expand_as(m) if advantages.dim() == 1 else advantages
-    _check("advantages", adv, m)
+    adv = _token_advantages(logp, old_logp, advantages, m)
     corr = get_correction(cfg.correction)
     old = _clean(logp, m).detach() if old_logp is None else old_logp
 
@@ -588,13 +583,33 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
     if weights is not None:
         obj = weights * obj
     pg_loss = -aggregate(obj, keep, cfg.loss_agg, cfg.norm_length)
-    loss = pg_loss
     metrics.update(
         pg_loss=pg_loss.detach(),
         pg_clipfrac=_frac(clipped, keep),
         pg_clipfrac_lower=_frac(dual_clipped, keep),
         ppo_kl=masked_mean(_clean(old, keep).detach() - _clean(logp, keep).detach(), keep),
     )
+    loss = _add_kl_and_entropy(pg_loss, logp, m, keep, cfg, ref_logp, entropy, metrics)
+    metrics["loss"] = loss.detach()
+    return loss, _floats(metrics)
+
+
+def _token_advantages(logp, old_logp, advantages, m) -> torch.Tensor:
+    """Checks policy_loss's inputs against the mask m (B, T); advantages (B,) or (B, T) -> (B, T)."""
+    _check("logp", logp, m)
+    if old_logp is not None:
+        _check("old_logp", old_logp, m)
+    if advantages.dim() == 1 and advantages.shape[0] != m.shape[0]:
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, "
+                         f"expected ({m.shape[0]},) or {tuple(m.shape)}")
+    adv = advantages[:, None].expand_as(m) if advantages.dim() == 1 else advantages
+    _check("advantages", adv, m)
+    return adv
+
+
+def _add_kl_and_entropy(loss, logp, m, keep, cfg: PPOConfig, ref_logp, entropy, metrics: dict) -> torch.Tensor:
+    """loss + kl_coef * agg_keep(kl(logp, ref_logp)) - entropy_coef * agg_keep(entropy), in that
+    order; kl_ref and entropy go into metrics whenever ref_logp and entropy are given."""
     if ref_logp is not None:
         _check("ref_logp", ref_logp, m)
         kl = kl_penalty(_clean(logp, keep), _clean(ref_logp, keep).detach(), cfg.kl_estimator)
@@ -610,5 +625,4 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
             loss = loss - cfg.entropy_coef * aggregate(entropy, keep, cfg.loss_agg, cfg.norm_length)
     elif cfg.entropy_coef:
         raise ValueError("entropy_coef > 0 needs the per-token entropy tensor")
-    metrics["loss"] = loss.detach()
-    return loss, _floats(metrics)
+    return loss

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import experiments as X
+import experiments
 
 
 def write_run(root, name, steps, *, kl=0.0, ppo_kl=0.0, clip=0.0, success=0.5, routing=0.0, done=True):
@@ -30,8 +30,8 @@ def write_run(root, name, steps, *, kl=0.0, ppo_kl=0.0, clip=0.0, success=0.5, r
 
 
 def test_plan_is_the_grid_with_explicit_options():
-    args = X.parse_args(["--out", "R", "--steps", "7", "--seeds", "0", "1"])
-    runs = X.plan(args)
+    args = experiments.parse_args(["--out", "R", "--steps", "7", "--seeds", "0", "1"])
+    runs = experiments.plan(args)
     warm = [r for r in runs if r.kind == "warm"]
     cells = [r for r in runs if r.kind == "cell"]
     assert [r.name for r in warm] == ["warm-s0", "warm-s1"]
@@ -44,7 +44,7 @@ def test_plan_is_the_grid_with_explicit_options():
     bf16 = next(r for r in cells if r.name == "bf16.off-s0").argv
     assert bf16[bf16.index("--sampler-dtype") + 1] == "bfloat16" and "--trainer-attention" not in bf16
     assert "--steps" in warm[0].argv and warm[0].argv[warm[0].argv.index("--steps") + 1] == "0"
-    assert X.parse_args([]).seeds == [0]  # the default fits make experiments in well under an hour
+    assert experiments.parse_args([]).seeds == [0]  # the default fits make experiments in well under an hour
 
 
 def test_analysis_writes_table_json_and_plots(tmp_path):
@@ -53,7 +53,7 @@ def test_analysis_writes_table_json_and_plots(tmp_path):
     write_run(tmp_path, "nosink.off-s0", 10, kl=1e-3, success=0.2)
     write_run(tmp_path, "nosink.seq-mis-s0", 6, kl=1e-3, done=False)  # an unfinished run
     write_run(tmp_path, "routing-noise-s0", 10, ppo_kl=1e-4, clip=0.01, routing=0.1)
-    data = X.analyze(str(tmp_path), "guess", meta={"command": "python experiments.py", "wall_s": 120})
+    data = experiments.analyze(str(tmp_path), "guess", meta={"command": "python experiments.py", "wall_s": 120})
     table = (tmp_path / "table.md").read_text()
     assert "| no mismatch | off |" in table and "| no-sink trainer | seq-mis |" in table and "incomplete" in table
     none_off = next(g for g in data["grid"] if g["mismatch"] == "none" and g["correction"] == "off")
@@ -72,7 +72,7 @@ def test_analysis_writes_table_json_and_plots(tmp_path):
 
 
 def test_summary_of_a_run_that_logged_nothing_is_nan_not_a_crash(tmp_path):
-    s = X.summarize_run([{"phase": "eval", "step": 0, "eval/guess/success": 0.5}], "guess")
+    s = experiments.summarize_run([{"phase": "eval", "step": 0, "eval/guess/success": 0.5}], "guess")
     assert s["steps"] == 0 and s["eval_warm"] == 0.5 and s["success_last"] != s["success_last"]  # NaN
 
 

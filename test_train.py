@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-import env as E
-import model as M
+import distributed
+import env
+import model
 import train
 
 TINY = ["--preset", "tiny", "--sft-steps", "2", "--sft-batch", "4", "--prompts", "2", "--group-size", "2",
@@ -32,9 +33,9 @@ def test_run_writes_metrics_and_a_checkpoint_that_loads(tmp_path):
                 "eval/calculator/success", "eval/guess/success_sampled", "eval/lookup/reward"):
         assert all(key in r for r in rl), key
     assert all(r["pg_clipfrac"] == 0.0 and r["ppo_kl"] == 0.0 for r in rl)  # exactly on-policy
-    ckpt = train.list_checkpoints(tmp_path / "a")[-1]
+    ckpt = distributed.list_checkpoints(tmp_path / "a")[-1]
     assert ckpt.endswith("step-000002")
-    loaded = M.Transformer.from_pretrained(ckpt)
+    loaded = model.Transformer.from_pretrained(ckpt)
     assert os.path.exists(os.path.join(ckpt, "tokenizer.json"))
     # vLLM reads every *.safetensors at the top of the directory: only the model's may be there
     assert [f for f in os.listdir(ckpt) if f.endswith(".safetensors")] == ["model.safetensors"]
@@ -43,7 +44,7 @@ def test_run_writes_metrics_and_a_checkpoint_that_loads(tmp_path):
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert (hf(ids).logits - loaded(ids)).abs().max().item() < 1e-4
-    assert loaded.config.vocab_size == E.toy_tokenizer().get_vocab_size() and loaded.config.num_hidden_layers == 4
+    assert loaded.config.vocab_size == env.toy_tokenizer().get_vocab_size() and loaded.config.num_hidden_layers == 4
 
 
 def test_same_seed_same_metrics_and_resume_equals_uninterrupted(tmp_path):
@@ -53,8 +54,8 @@ def test_same_seed_same_metrics_and_resume_equals_uninterrupted(tmp_path):
     run(tmp_path, "resumed", "--steps", "2")
     resumed = run(tmp_path, "resumed", "--steps", "3", "--resume")
     assert resumed == full
-    a = M.Transformer.from_pretrained(train.list_checkpoints(tmp_path / "full")[-1])
-    b = M.Transformer.from_pretrained(train.list_checkpoints(tmp_path / "resumed")[-1])
+    a = model.Transformer.from_pretrained(distributed.list_checkpoints(tmp_path / "full")[-1])
+    b = model.Transformer.from_pretrained(distributed.list_checkpoints(tmp_path / "resumed")[-1])
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
 
@@ -96,7 +97,7 @@ def test_two_processes_with_fsdp2_match_one_process(tmp_path):
         for key in ("loss", "pg_loss", "grad_norm", "reward", "eval/guess/success"):
             if key in a:
                 assert abs(a[key] - b[key]) <= 1e-5, (a["phase"], a["step"], key, a[key], b[key])
-    p1 = M.Transformer.from_pretrained(train.list_checkpoints(tmp_path / "single")[-1])
-    p2 = M.Transformer.from_pretrained(train.list_checkpoints(tmp_path / "two")[-1])  # rank 0's full gather
+    p1 = model.Transformer.from_pretrained(distributed.list_checkpoints(tmp_path / "single")[-1])
+    p2 = model.Transformer.from_pretrained(distributed.list_checkpoints(tmp_path / "two")[-1])  # rank 0's full gather
     worst = max((x - y).abs().max().item() for x, y in zip(p1.parameters(), p2.parameters()))
     assert worst <= 1e-5, worst

