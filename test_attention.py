@@ -12,16 +12,6 @@ import torch
 import model as A
 from model import attention, naive_attention
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The shapes are tiny: on a busy 2-core machine 2 threads made one T=128 flash forward +
-    # backward take 3.4 s instead of 0.01 s (each small op waiting for the other thread)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
 SMALL_BLOCKS = dict(block_q=16, block_k=16)  # several tiles on small shapes
 

@@ -6,24 +6,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
-import model as M
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes: a second thread only waits (see test_attention.py)
-    yield
-    torch.set_num_threads(threads)
+import model
 
 
 def test_model_flops_match_the_matmuls_torch_counts():
     """bench's count (3 x forward) against FlopCounterMode on a float64 forward (its experts run
     as plain matmuls, which the counter sees) with the dense backend, which computes every
     (query, key) pair: the counted FLOPs minus the masked pairs' are bench's forward."""
-    cfg = M.preset("tiny", sliding_window=5)
+    cfg = model.preset("tiny", sliding_window=5)
     B, T = 2, 12
-    net = M.Transformer(cfg).double()
+    net = model.Transformer(cfg).double()
     net.set_attention_backend("dense")
     with FlopCounterMode(display=False) as counter:
         net(torch.randint(0, cfg.vocab_size, (B, T)))

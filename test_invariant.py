@@ -13,14 +13,6 @@ import sampler as S
 import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # keeps the test fast on a busy box; a test may ask for more
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     """Window 8 (generations run far past it), large sinks, random weights."""

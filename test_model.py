@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model as M
+from conftest import randomize_
 
 transformers = pytest.importorskip("transformers")
 from transformers import GptOssConfig, GptOssForCausalLM  # noqa: E402
@@ -27,20 +28,6 @@ def hf_config(cfg: M.ModelConfig, **rope_overrides) -> GptOssConfig:
     hcfg = GptOssConfig(**d)
     hcfg._attn_implementation = "eager"
     return hcfg
-
-
-def randomize_(module: torch.nn.Module, seed: int = 0):
-    """Non-trivial values: large sinks of both signs (+-5..20), random biases and norms."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            r = torch.randn(p.shape, generator=gen)
-            if name.endswith("sinks"):
-                p.copy_((5 + 15 * torch.rand(p.shape, generator=gen)) * r.sign())
-            elif "norm" in name:
-                p.copy_(1 + 0.1 * r)
-            else:
-                p.copy_(0.1 * r)
 
 
 @pytest.fixture(scope="module")

