@@ -11,19 +11,18 @@ Read top to bottom. The numbers come from ../shared/SPEC.md section 1; the desig
 - Attention sinks are one extra softmax column per head (no value vector). `attention` is
   the one attention function used by training and by the KV-cached sampler; the mask is
   derived from absolute query and key positions, so a cache may hold rows of different
-  lengths (or a ring buffer) without special cases. `naive_attention` is the reference;
-  the default is a pure-PyTorch flash attention (FlashAttention-2's algorithm with the sink
-  in the online softmax and its own backward, including the sink gradient), or the
-  FlashAttention-4 kernel on Hopper GPUs; small score matrices (decoding, short sequences)
-  take a one-tile "dense" path instead. "nosink" reproduces FlashAttention-2's bug.
+  lengths (or a ring buffer) without special cases. `naive_attention` is the reference,
+  `flash_attention` FlashAttention-2's algorithm in PyTorch with the sink in the online
+  softmax and in its own backward. "nosink" reproduces FlashAttention-2's bug.
 - MoE sorts the (token, expert) pairs by expert and runs every expert on its own rows in one
-  grouped matmul (F.grouped_mm, forward and backward): no expert weight is ever gathered per
-  token, and training and inference share the one path (the retrospective's OOM came from a
-  separate inference path that ran every expert). The k outputs of a token are summed in a
-  fixed order (no scatter-add). Opt-in for decoding on the CPU in fp32 (set_packed_experts), the
-  same products run on oneDNN with each expert's matrix packed once instead of per product.
-  Under torch.compile (the sampler's compile=True) they are one custom operator, the rest of a
-  decode step one graph.
+  grouped product (`expert_matmul`, forward and backward): no expert weight is ever gathered
+  per token, and training and inference share the one path (the retrospective's OOM came from
+  a separate inference path that ran every expert). The k outputs of a token are summed in a
+  fixed order (no scatter-add).
+- The fast paths (kernels.py: one-tile attention, FlashAttention-4, packed experts, the
+  torch.compile operator) and the batch-invariant mode (invariant.py) live in their own files,
+  reached through `fast_path` only; a model's `Kernels` says which it uses. This file imports
+  no other file of the project at module level.
 - Checkpoints: HF layout, bf16-form experts ([in, out]) or MXFP4 blocks/scales ([out, in]),
   single file or sharded, loaded tensor by tensor into a model built on the meta device.
 """
@@ -39,7 +38,6 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +128,8 @@ class ModelConfig:
     def from_json(cls, path: str) -> "ModelConfig":
         """Read an HF config.json: `rope_parameters`, or the legacy `rope_scaling` + `rope_theta`."""
         try:
-            with open(path) as f:
-                raw = json.load(f)
+            with open(path) as file:
+                raw = json.load(file)
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read config {path}: {e}") from e
         if not isinstance(raw, dict):
@@ -153,9 +151,9 @@ class ModelConfig:
             raise ValueError(f"config {path}: {e}") from e
 
     def to_hf_dict(self) -> dict:
-        d = asdict(self)
-        d["rope_theta"] = self.rope_parameters["rope_theta"]
-        return {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", **d}
+        hf = asdict(self)
+        hf["rope_theta"] = self.rope_parameters["rope_theta"]
+        return {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", **hf}
 
 
 PRESETS = {
@@ -201,45 +199,6 @@ class RMSNorm(nn.Module):
         return (y * self.weight.to(x32.dtype)).to(x.dtype)
 
 
-# Batch invariance. On this CPU (torch 2.13, MKL) a matrix product with fewer than 4 rows runs
-# another kernel, and the last bits of each row change (measured: F.linear, matmul, F.grouped_mm
-# per group). With several threads MKL splits the rows into blocks of 8, so 9 rows on 2 threads
-# give one thread a single row and that kernel again. A row count that is a multiple of
-# MIN_ROWS = 8 avoids both: each row then has the same bits whatever the number of rows (measured
-# for 8..4096 rows on 1 and 2 threads). The batch-invariant mode pads every product to such a
-# count. Row-wise reductions (RMSNorm, softmax, log_softmax, sums over the last dim) were measured
-# to be row-count invariant already and need nothing.
-MIN_ROWS = 8
-
-
-def _padded_rows(n: int, multiple: int) -> int:
-    """The smallest positive multiple of `multiple` >= n."""
-    return max(multiple, -(-n // multiple) * multiple)
-
-
-def _with_rows_multiple(f, x, multiple):
-    """f(x) for a row-wise f on x (..., K), computed as one 2-D product whose row count is a
-    positive multiple of `multiple` (zero rows appended, their results dropped)."""
-    lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
-    n = x2.shape[0]
-    pad = _padded_rows(n, multiple) - n
-    if pad:
-        x2 = torch.cat([x2, x2.new_zeros(pad, x2.shape[1])])
-    return f(x2)[:n].reshape(*lead, -1)
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict names) whose product has a multiple of `min_rows`
-    rows when min_rows > 0 (the batch-invariant mode; see MIN_ROWS). min_rows = 0: plain nn.Linear."""
-
-    min_rows = 0
-
-    def forward(self, x):
-        if not self.min_rows:
-            return super().forward(x)
-        return _with_rows_multiple(super().forward, x, self.min_rows)
-
-
 def yarn_bounds(cfg: ModelConfig, truncate: bool | None = None) -> tuple[float, float]:
     """The YaRN ramp bounds in units of frequency index j (SPEC 1); rounded only if truncate."""
     rp = cfg.rope_parameters
@@ -268,17 +227,17 @@ def yarn_inv_freq(cfg: ModelConfig, truncate: bool | None = None) -> tuple[torch
     return inv_freq, concentration
 
 
-def check_range(t: torch.Tensor, limit: int, what: str):
-    """ValueError when t holds a value outside [0, limit). Free on the CPU; on an accelerator an
+def check_range(tensor: torch.Tensor, limit: int, what: str):
+    """ValueError when tensor holds a value outside [0, limit). Free on the CPU; on an accelerator an
     asynchronous device-side assert, so a decode step never waits for the device to answer."""
     if torch.compiler.is_compiling():  # a compiled graph cannot branch on data: the sampler's
         return  # compiled decode step feeds back the tokens it sampled (checked prompts first)
     message = f"{what} out of range [0, {limit})"
-    if t.device.type == "cpu":
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= limit):
+    if tensor.device.type == "cpu":
+        if tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= limit):
             raise ValueError(message)
-    elif t.numel():
-        torch._assert_async(((t >= 0) & (t < limit)).all(), message)
+    elif tensor.numel():
+        torch._assert_async(((tensor >= 0) & (tensor < limit)).all(), message)
 
 
 class RotaryEmbedding(nn.Module):
@@ -315,15 +274,6 @@ def apply_rope(x, cos, sin):
 
 BLOCK_Q = 128  # query rows per tile
 BLOCK_K = 128  # keys per tile; tiles start at multiples of BLOCK_K in key index
-BACKENDS = ("flash", "dense", "naive", "fa4", "nosink", "invariant")
-# Without FA4 the default runs "dense" (one tile, ordinary autograd) when the queries fit in one
-# flash tile (Tq <= BLOCK_Q), no sliding window could let flash skip a key tile
-# (Tk <= window + BLOCK_K) and the score tensor B * Hq * Tq * Tk has at most DENSE_MAX_SCORES
-# elements (64 MiB in fp32); "flash" otherwise. Measured on CPU, dense is 1.3-2.5x faster there
-# (decoding, chunked prefill, sequences up to 128 tokens: flash's per-tile bookkeeping costs
-# more than the arithmetic) and flash is faster beyond (it skips masked tiles).
-DENSE_MAX_SCORES = 1 << 24
-ENV_BACKEND = "GPTOSS_ATTENTION"  # environment variable that forces a backend
 
 
 # --- Shared helpers: argument checks, default positions, the visibility rule
@@ -406,29 +356,6 @@ def naive_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=N
     probs = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1)  # (B, Hq, Tq, Tk + 1)
     o = probs[..., :-1] @ vh  # drop the sink column: it has no value vector
     return o.transpose(1, 2).to(q.dtype)  # (B, Tq, Hq, D)
-
-
-# --- One tile: the fast path for small score matrices
-
-
-def dense_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=None, k_pos=None,
-                    scale=None):
-    """Attention with sinks with every score in one tile (the "dense" backend): the reference's
-    arithmetic with the query heads of a kv group stacked as rows (GQA without copying K/V) and
-    ordinary autograd. Memory grows with Tq * Tk, so attention() picks it only for small calls
-    (see DENSE_MAX_SCORES). Same contract as attention()."""
-    q_pos, k_pos = _check_inputs(q, k, v, sinks, causal, sliding_window, q_pos, k_pos)
-    B, Tq, Hq, D = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    qg, kt, vt = _tiled_layout(q, k, v, scale)  # (B, Hkv, G, Tq, D) scaled; (B, Hkv, Tk, D)
-    s = (qg.reshape(B, Hkv, G * Tq, D) @ kt.transpose(-1, -2)).view(B, Hkv, G, Tq, Tk)
-    s = s.masked_fill(~_visible(q_pos, k_pos, causal, sliding_window)[:, None, None], -math.inf)
-    sink = sinks.to(qg.dtype).view(1, Hkv, G, 1, 1).expand(B, Hkv, G, Tq, 1)  # not scaled
-    p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]  # the sink column joins, then leaves
-    o = p.reshape(B, Hkv, G * Tq, Tk) @ vt  # (B, Hkv, G*Tq, D); a row that sees nothing gives 0
-    return o.view(B, Hq, Tq, D).transpose(1, 2).to(q.dtype)  # (B, Tq, Hq, D)
 
 
 # --- Pure-PyTorch flash attention
@@ -597,41 +524,6 @@ def flash_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=N
                                          scale, block_q, block_k)
 
 
-def invariant_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=None, k_pos=None,
-                        scale=None):
-    """The "invariant" backend (the batch-invariant mode): the flash algorithm arranged so that a
-    query's output has the same bits whether it comes from the trainer's full sequence, a prefill
-    chunk or one decode step against a cache, in a batch of any size. Same contract as attention().
-
-    - Key tiles in absolute positions: key index j must hold position j (or be empty, k_pos < 0),
-      as in the trainer's sequences and the sampler's full caches (not a ring buffer), and the keys
-      are zero-padded to whole BLOCK_K tiles. Every p @ v then sums the same BLOCK_K products in
-      the same order for a query, whoever calls.
-    - Every query tile has a multiple of MIN_ROWS rows (queries at position -1, which see
-      nothing, fill the last one up): otherwise the CPU matmul kernel changes (see MIN_ROWS).
-    - Which tiles a call visits does not matter: a tile wholly masked for a query leaves its
-      running max, sum and output exactly as they were (alpha = exp(0) = 1, p = 0).
-    Cost: up to BLOCK_K - 1 padded keys per call (decoding pays the most) and a host sync for the
-    position check; the backward is flash's."""
-    q_pos, k_pos = _check_inputs(q, k, v, sinks, causal, sliding_window, q_pos, k_pos)
-    B, Tq, Hq, D = q.shape
-    Tk, G = k.shape[1], Hq // k.shape[2]
-    index = torch.arange(Tk, device=k.device)
-    if not ((k_pos == index) | (k_pos < 0)).all():
-        raise ValueError("invariant attention needs each key at the index of its position (key j at "
-                         "position j, or an empty slot): a full cache, not a ring buffer")
-    last = Tq % BLOCK_Q or BLOCK_Q  # queries in the last tile; a tile has G rows per query
-    pad_q = -(-_padded_rows(G * last, MIN_ROWS) // G) - last
-    pad_k = -Tk % BLOCK_K
-    q = F.pad(q, (0, 0, 0, 0, 0, pad_q))
-    k, v = F.pad(k, (0, 0, 0, 0, 0, pad_k)), F.pad(v, (0, 0, 0, 0, 0, pad_k))
-    q_pos, k_pos = F.pad(q_pos, (0, pad_q), value=-1), F.pad(k_pos, (0, pad_k), value=-1)
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    out = FlashAttentionWithSinks.apply(q, k, v, sinks, q_pos, k_pos, causal, sliding_window,
-                                        scale, BLOCK_Q, BLOCK_K)
-    return out[:, :Tq]
-
-
 def nosink_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=None, k_pos=None,
                      scale=None):
     """WRONG for GPT-OSS, on purpose: attention with the sinks dropped (a plain softmax over the
@@ -648,107 +540,41 @@ def nosink_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=
                            scale=scale)
 
 
-# --- FlashAttention-4 (flash_attn.cute, pip package flash-attn-4): CUDA, SM90 (Hopper) and newer
+# --- Dispatch: the one door to the fast paths
 
 
-_fa4_import = []  # memo: [flash_attn_func or None] once the import was tried
+@dataclass
+class Kernels:
+    """Which kernels a model's products run on: one object shared by all the modules of a
+    Transformer (set through its set_* methods; a deepcopy keeps it, a fresh model starts plain)."""
+
+    attention_backend: str | None = None  # None: attention() chooses
+    batch_invariant: bool = False  # invariant.py: padded row counts, fixed attention tiles
+    packed_experts: bool = False  # kernels.py: oneDNN-packed expert matrices (CPU, fp32, no grad)
 
 
-def _import_fa4():
-    """flash_attn.cute.flash_attn_func, or None when flash-attn-4 is not installed or does not import."""
-    if not _fa4_import:  # try once: a failed import is not cached by Python and is slow to repeat
-        try:
-            from flash_attn.cute import flash_attn_func
-        except Exception:  # ImportError, or a CUDA/cutlass-dsl problem raised while importing
-            flash_attn_func = None
-        _fa4_import.append(flash_attn_func)
-    return _fa4_import[0]
+def fast_path(name: str):
+    """The file of fast paths `name`: "kernels" (kernels.py: one-tile dense attention,
+    FlashAttention-4, packed experts, the torch.compile operator) or "invariant" (invariant.py:
+    the batch-invariant mode). Imported on first use, so this file reads and runs the reference
+    without them; an import statement rather than importlib, since torch.compile traces it."""
+    import invariant
+    import kernels
+    return kernels if name == "kernels" else invariant
 
 
-def _fa4_unsupported_reason(q, k, q_pos, k_pos):
-    """Why this call cannot run on FlashAttention-4, or None when it can."""
-    if not q.is_cuda:
-        return "q is not on a CUDA device"
-    if torch.cuda.get_device_capability(q.device) < (9, 0):
-        return "the GPU's compute capability is below 9.0 (FA4 needs Hopper or newer)"
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        return f"FA4 takes bf16/fp16 inputs, not {q.dtype}"
-    if _import_fa4() is None:
-        return "flash_attn.cute (pip install flash-attn-4) does not import"
-    if q_pos is not None or k_pos is not None:
-        # Explicit positions are fine when they are the defaults (one device sync to check)
-        B, Tq, Tk = q.shape[0], q.shape[1], k.shape[1]
-        if q_pos is not None and not torch.equal(
-                q_pos.to(q.device), torch.arange(Tk - Tq, Tk, device=q.device).expand_as(q_pos)):
-            return "q_pos is not arange(Tk - Tq, Tk) for every row: FA4 cannot express it"
-        if k_pos is not None and not torch.equal(
-                k_pos.to(q.device), torch.arange(Tk, device=q.device).expand_as(k_pos)):
-            return "k_pos is not arange(Tk) for every row (cache slots): FA4 cannot express it"
-    return None
-
-
-class _AddSinkGradient(torch.autograd.Function):
-    """Identity on the attention output o; its backward adds the sink gradient
-    dsink_h = -sum_{b,i} exp(sink_h - lse_i) * rowsum(dO_i * O_i), computed from FA4's lse.
-
-    FA4 gets the sinks detached: releases before the sink backward landed return no gradient for
-    them (silently), later ones would return it, and computing it here is right for both. FA4's
-    dQ/dK/dV are already correct, since its lse includes the sink."""
-
-    @staticmethod
-    def forward(ctx, o, lse, sinks_used, sinks):
-        ctx.save_for_backward(o, lse, sinks_used)
-        ctx.sinks_dtype = sinks.dtype
-        return o.clone()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        o, lse, sinks_used = ctx.saved_tensors
-        delta = (dout.float() * o.float()).sum(dim=-1).transpose(1, 2)  # (B, Hq, Tq)
-        p_sink = torch.exp(sinks_used.float().view(1, -1, 1) - lse)  # (B, Hq, Tq)
-        dsinks = -(p_sink * delta).sum(dim=(0, 2))
-        return dout, None, None, dsinks.to(ctx.sinks_dtype)
-
-
-def fa4_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=None, k_pos=None,
-                  scale=None):
-    """The FlashAttention-4 kernel (flash_attn.cute.flash_attn_func with learnable_sink).
-
-    Only for what FA4 can express: CUDA SM90+, bf16/fp16, the default positions (FA4 aligns a
-    shorter query block to the end of the keys, as our default q_pos does; explicit positions
-    equal to the defaults are accepted). The window maps to FA4's
-    window_size=(left, right) = (sliding_window - 1, 0): key j visible iff i - left <= j <= i.
-    The sinks are passed in bf16, the dtype every FA4 release accepts for learnable_sink.
-    """
-    _check_inputs(q, k, v, sinks, causal, sliding_window, q_pos, k_pos)
-    reason = _fa4_unsupported_reason(q, k, q_pos, k_pos)
-    if reason is not None:
-        raise RuntimeError(f"attention backend 'fa4' is unavailable for this call: {reason}")
-    flash_attn_func = _import_fa4()
-    window = (sliding_window - 1, 0) if sliding_window is not None else (None, None)
-    sinks_used = sinks.detach().to(torch.bfloat16)
-    o, lse = flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, window_size=window,
-                             learnable_sink=sinks_used, return_lse=True)
-    if not (torch.is_grad_enabled() and sinks.requires_grad):
-        return o
-    return _AddSinkGradient.apply(o, lse, sinks_used, sinks)
-
-
-# --- Dispatch
-
-_BACKEND_FUNCTIONS = {"flash": flash_attention, "dense": dense_attention, "naive": naive_attention,
-                      "fa4": fa4_attention, "nosink": nosink_attention, "invariant": invariant_attention}
-_BACKEND_LOG_LINES = {
-    "flash": "attention backend: flash (pure-PyTorch flash attention with sinks)",
-    "dense": "attention backend: dense (one tile with sinks, for small score matrices)",
-    "naive": "attention backend: naive (reference; materialises the (Tq, Tk) scores)",
-    "fa4": "attention backend: fa4 (FlashAttention-4 kernel with learnable sinks)",
-    "nosink": "attention backend: nosink -- WRONG for GPT-OSS: sinks dropped as FlashAttention-2 "
-              "did (for mismatch experiments only)",
-    "invariant": "attention backend: invariant (flash with tiles fixed in absolute key positions: "
-                 "batch-invariant mode)",
+ATTENTION_BACKEND_VARIABLE = "GPTOSS_ATTENTION"  # the environment variable that forces a backend
+# backend -> (its function here, or the file holding <backend>_attention; the line logged first time)
+_BACKENDS = {
+    "flash": (flash_attention, "pure-PyTorch flash attention with sinks"),
+    "dense": ("kernels", "one tile with sinks, for small score matrices"),
+    "naive": (naive_attention, "reference; materialises the (Tq, Tk) scores"),
+    "fa4": ("kernels", "FlashAttention-4 kernel with learnable sinks"),
+    "nosink": (nosink_attention, "WRONG for GPT-OSS: sinks dropped as FlashAttention-2 did (for "
+                                 "mismatch experiments only)"),
+    "invariant": ("invariant", "flash with tiles fixed in absolute key positions: batch-invariant mode"),
 }
+BACKENDS = tuple(_BACKENDS)
 _backends_logged = set()
 
 
@@ -757,14 +583,7 @@ def _log_backend_once(backend, why):
         return
     _backends_logged.add(backend)
     log = logger.warning if backend == "nosink" else logger.info
-    log("%s [%s]", _BACKEND_LOG_LINES[backend], why)
-
-
-def _dense_is_faster(q, k, sliding_window):
-    """The default's choice between "dense" and "flash" (see DENSE_MAX_SCORES)."""
-    (B, Tq, Hq, _), Tk = q.shape, k.shape[1]
-    return (Tq <= BLOCK_Q and B * Hq * Tq * Tk <= DENSE_MAX_SCORES
-            and (sliding_window is None or Tk <= sliding_window + BLOCK_K))
+    log("attention backend: %s (%s) [%s]", backend, _BACKENDS[backend][1], why)
 
 
 def attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=None, k_pos=None,
@@ -775,41 +594,56 @@ def attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=None, k
     (sliding_window is None or q_pos_i - k_pos_j < sliding_window). q_pos (B, Tq) defaults to
     arange(Tk - Tq, Tk), k_pos (B, Tk) to arange(Tk); scale defaults to 1/sqrt(D).
 
-    backend: "flash", "dense", "naive", "fa4" or "nosink" (WRONG: drops the sinks). The argument
-    wins over the GPTOSS_ATTENTION environment variable; with neither, FA4 runs when the call can
-    use it, else "dense" for small calls (see DENSE_MAX_SCORES), else the pure-PyTorch flash
-    attention.
+    backend: one of BACKENDS ("nosink" is WRONG: it drops the sinks). The argument wins over the
+    GPTOSS_ATTENTION environment variable; with neither, kernels.default_backend chooses: FA4
+    when the call can use it, else "dense" for small calls, else the pure-PyTorch flash attention.
     """
     _check_inputs(q, k, v, sinks, causal, sliding_window, q_pos, k_pos)  # clear errors first
     if backend is not None:
         why = "backend argument"
-    elif os.environ.get(ENV_BACKEND, "").strip():
-        backend, why = os.environ[ENV_BACKEND].strip().lower(), f"{ENV_BACKEND} environment variable"
+    elif os.environ.get(ATTENTION_BACKEND_VARIABLE, "").strip():
+        backend = os.environ[ATTENTION_BACKEND_VARIABLE].strip().lower()
+        why = f"{ATTENTION_BACKEND_VARIABLE} environment variable"
     else:
-        reason = _fa4_unsupported_reason(q, k, q_pos, k_pos)
-        backend = "fa4" if reason is None else "dense" if _dense_is_faster(q, k, sliding_window) else "flash"
-        why = "default" if reason is None else f"default; not fa4: {reason}"
-    if backend not in _BACKEND_FUNCTIONS:
+        backend, why = fast_path("kernels").default_backend(q, k, sliding_window, q_pos, k_pos)
+    if backend not in _BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r} ({why}); choose one of {BACKENDS}")
     _log_backend_once(backend, why)
-    return _BACKEND_FUNCTIONS[backend](q, k, v, sinks, causal=causal, sliding_window=sliding_window,
-                                       q_pos=q_pos, k_pos=k_pos, scale=scale)
+    function = _BACKENDS[backend][0]
+    if isinstance(function, str):  # a fast path: <backend>_attention in kernels.py or invariant.py
+        function = getattr(fast_path(function), backend + "_attention")
+    return function(q, k, v, sinks, causal=causal, sliding_window=sliding_window,
+                    q_pos=q_pos, k_pos=k_pos, scale=scale)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict names) whose product has a multiple of 8 rows in
+    the batch-invariant mode (invariant.linear)."""
+
+    def __init__(self, n_in: int, n_out: int, bias: bool, kernels: Kernels):
+        super().__init__(n_in, n_out, bias=bias)
+        self.kernels = kernels
+
+    def forward(self, x):
+        if self.kernels.batch_invariant:
+            return fast_path("invariant").linear(super().forward, x)
+        return super().forward(x)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, kernels: Kernels):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         bias = cfg.attention_bias
-        self.q_proj = Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=bias)
-        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=bias)
+        self.q_proj = Linear(cfg.hidden_size, self.n_head * self.head_dim, bias, kernels)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias, kernels)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias, kernels)
+        self.o_proj = Linear(self.n_head * self.head_dim, cfg.hidden_size, bias, kernels)
         self.sinks = nn.Parameter(torch.zeros(self.n_head))  # one learned logit per query head
         sliding = cfg.layer_types[layer_idx] == "sliding_attention"
         self.sliding_window = cfg.sliding_window if sliding else None
-        self.backend = None  # None: attention() chooses; Transformer.set_attention_backend overrides
+        self.kernels = kernels  # kernels.attention_backend: None, attention() chooses
 
     def forward(self, x, cos, sin, positions=None, cache=None):
         B, T, _ = x.shape
@@ -821,7 +655,7 @@ class Attention(nn.Module):
         if cache is not None:  # the sampler's KV cache returns every key it holds for these rows
             k, v, k_pos = cache.update(self.layer_idx, k, v, positions)
         o = attention(q, k, v, self.sinks, sliding_window=self.sliding_window, q_pos=positions, k_pos=k_pos,
-                      backend=self.backend)
+                      backend=self.kernels.attention_backend)
         return self.o_proj(o.reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -838,20 +672,24 @@ def _grouped_mm_ok(rows, w) -> bool:
                and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in (rows, w))
 
 
-def grouped_matmul(rows, w, ends):
+def expert_matmul(rows, w, ends):
     """Each expert's rows times its matrix: rows (S, K) grouped by expert (expert e owns rows
     ends[e-1]:ends[e]), w (E, K, N) -> (S, N). No weight is gathered per row.
 
     One F.grouped_mm call for all experts (forward and backward, under autocast too: it is not on
     autocast's list, so the operands are cast here as a matmul would be). float64 (the ground
-    truth) and misaligned operands, which it has no kernel for, run the same products one expert
-    at a time."""
+    truth) and misaligned operands, which it has no kernel for, run expert_matmul_loop."""
     device = rows.device.type
     if torch.is_autocast_enabled(device) and rows.is_floating_point():
         dtype = torch.get_autocast_dtype(device)
         rows, w = rows.to(dtype), w.to(dtype)
     if _grouped_mm_ok(rows, w):
         return F.grouped_mm(rows, w, offs=ends.to(torch.int32))
+    return expert_matmul_loop(rows, w, ends)
+
+
+def expert_matmul_loop(rows, w, ends):
+    """expert_matmul one expert at a time: the plain reference loop."""
     return torch.cat([x @ w[e] for e, x in _rows_by_expert(rows, ends)])
 
 
@@ -860,93 +698,10 @@ def _rows_by_expert(rows, ends):
     return enumerate(rows.split(torch.diff(ends, prepend=ends.new_zeros(1)).tolist()))
 
 
-# Decoding on the CPU in fp32. MKL packs a matrix into its kernel's layout on every product, and
-# with a few rows per expert (decoding: batch x top-k rows spread over all experts) packing costs
-# as much as the product: F.grouped_mm reaches 11 / 19 / 33 GFLOP/s at 4 / 8 / 16 rows per expert
-# where oneDNN with the weights packed once reaches 25 / 41 / 63 (`python bench.py experts
-# --threads 1`: 96 matrices of 512 x 1024, 201 MB, one thread, matmul peak 84). With
-# Transformer.set_packed_experts (the sampler's pack_experts=True), no-grad fp32 forwards on the
-# CPU multiply an expert's 3+ rows by its matrix packed for oneDNN, packed on first use and again
-# after the weight changes (an in-place update bumps the tensor's _version; fused optimizers and
-# writes through .data do not: call Sampler.update_weights after them). 1-2 rows stay on MKL:
-# packing them gained nothing in decoding.
-PACKED_MIN_ROWS = 3
-
-
-def _packable(rows, w) -> bool:
-    """Whether this product may use packed experts: a no-grad fp32 product on the CPU (not under
-    autocast, where grouped_matmul casts to the autocast dtype)."""
-    return (not torch.is_grad_enabled() and rows.device.type == "cpu" and rows.dtype == torch.float32
-            and w.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and torch.backends.mkldnn.is_available())
-
-
-def packed_grouped_matmul(rows, w, packed: dict, ends):
-    """grouped_matmul(rows, w, ends) on oneDNN: expert e's matrix packed once into packed[e] (from
-    its linear layout [N, K]); MKL for fewer than PACKED_MIN_ROWS rows."""
-    out = []
-    for e, x in _rows_by_expert(rows, ends):  # x (n_e, K)
-        if len(x) >= PACKED_MIN_ROWS:
-            if e not in packed:
-                packed[e] = torch.ops.mkldnn._reorder_linear_weight(w[e].detach().T.contiguous())
-            out.append(torch.ops.mkldnn._linear_pointwise(x, packed[e], None, "none", [], ""))
-        elif len(x):
-            out.append(x @ w[e])
-    return torch.cat(out) if out else rows.new_empty(0, w.shape[-1])
-
-
-# weight -> ((_version, data_ptr) when packed, {expert: packed matrix}). Keyed by the weight
-# tensor itself, so a copied module packs its own and the entries go when the weight does.
-_PACKED = WeakIdKeyDictionary()
-
-
-def _packed_for(w) -> dict:
-    """w's packed matrices so far, emptied when w changed since (a new _version or storage)."""
-    key = (w._version, w.data_ptr())
-    if _PACKED.get(w, (None,))[0] != key:
-        _PACKED[w] = (key, {})
-    return _PACKED[w][1]
-
-
-def _experts_matmul(rows: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, pack: bool) -> torch.Tensor:
-    """grouped_matmul(rows, w, ends), on packed matrices when `pack` and the product allows it."""
-    if pack and _packable(rows, w):
-        return packed_grouped_matmul(rows, w, _packed_for(w), ends)
-    return grouped_matmul(rows, w, ends)
-
-
-# torch.compile (the sampler's compile=True) traces a decode step into one graph and fuses the
-# small elementwise ops around the matrix products. The experts' products cannot be traced: they
-# split their rows by counts that are data, and F.grouped_mm's shape function accepts no fp32.
-# So a compiled graph calls them as one opaque operator (no autograd: for no-grad decoding).
-experts_matmul_op = torch.library.custom_op("gptoss::experts_matmul", _experts_matmul, mutates_args=())
-
-
-@experts_matmul_op.register_fake
-def _(rows, w, ends, pack):
-    return rows.new_empty(rows.shape[0], w.shape[-1])
-
-
-def _pad_groups(rows, expert, counts, multiple):
-    """Rows grouped by expert (expert (S,) of each row, counts (E,)) -> each non-empty group
-    zero-padded to a multiple of `multiple` rows: (padded rows, padded counts, the expert of each
-    padded row, the index of each original row in the padded tensor)."""
-    padded = (counts + multiple - 1) // multiple * multiple  # empty groups stay empty
-    start, padded_start = counts.cumsum(0) - counts, padded.cumsum(0) - padded  # (E,) group starts
-    keep = torch.arange(rows.shape[0], device=rows.device) + (padded_start - start)[expert]
-    out = rows.new_zeros(int(padded.sum()), rows.shape[1]).index_copy(0, keep, rows)
-    experts = torch.arange(len(counts), device=rows.device)
-    return out, padded, torch.repeat_interleave(experts, padded), keep
-
-
 class Experts(nn.Module):
-    """E experts, each a clamped SwiGLU MLP. Weights in the HF bf16-form layout [in, out].
-    min_rows > 0 (the batch-invariant mode): every expert's product has a multiple of that many rows."""
+    """E experts, each a clamped SwiGLU MLP. Weights in the HF bf16-form layout [in, out]."""
 
-    min_rows = 0
-    pack = False  # Transformer.set_packed_experts
-
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels | None = None):
         super().__init__()
         E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, H, 2 * I))  # columns interleave gate, linear
@@ -954,6 +709,7 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, I, H))
         self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
         self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha
+        self.kernels = Kernels() if kernels is None else kernels
 
     def activation(self, h):
         """(n, 2I) -> (n, I): the clamped SwiGLU of GPT-OSS."""
@@ -968,21 +724,28 @@ class Experts(nn.Module):
         h = x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]  # (n, 2I)
         return self.activation(h) @ self.down_proj[e] + self.down_proj_bias[e]
 
-    def matmul(self, rows, name: str, ends):
-        """grouped_matmul of the rows with the matrices `name`, on packed matrices when packing is
-        on and the product allows it (see packed_grouped_matmul); an opaque operator inside a
-        torch.compile graph."""
-        w = getattr(self, name)
-        if self.min_rows:
-            return grouped_matmul(rows, w, ends)
-        op = experts_matmul_op if torch.compiler.is_compiling() else _experts_matmul
-        return op(rows, w, ends, self.pack)
+    def expert_matmul(self, rows, w, ends):
+        """expert_matmul(rows, w, ends), or a variant from kernels.py: on oneDNN-packed matrices
+        (Transformer.set_packed_experts) and, inside a torch.compile graph, as one opaque
+        operator. The batch-invariant mode keeps the reference."""
+        kernels = self.kernels
+        if kernels.batch_invariant or not (kernels.packed_experts or torch.compiler.is_compiling()):
+            return expert_matmul(rows, w, ends)
+        fast = fast_path("kernels")
+        variant = fast.expert_matmul_op if torch.compiler.is_compiling() else fast.expert_matmul_fast
+        return variant(rows, w, ends, kernels.packed_experts)
+
+    def grouped_mlp(self, rows, expert, ends):
+        """Every expert's MLP on its own rows: rows (S, H) grouped by expert, expert (S,) the
+        expert of each row, ends (E,) where each expert's rows end -> (S, H)."""
+        h = self.expert_matmul(rows, self.gate_up_proj, ends) + self.gate_up_proj_bias[expert]  # (S, 2I)
+        return self.expert_matmul(self.activation(h), self.down_proj, ends) + self.down_proj_bias[expert]
 
     def forward(self, x, expert_idx, weights):
         """x (N, H); expert_idx, weights (N, k) -> sum_k weights * expert(x), (N, H).
 
         The N*k (token, expert) pairs are sorted by expert, so each expert's rows are contiguous
-        and one grouped matmul runs every expert on its rows; the results go back to (token,
+        and one grouped product runs every expert on its rows; the results go back to (token,
         slot) order and the k slots are summed in that fixed order."""
         N, k = expert_idx.shape
         flat = expert_idx.reshape(-1)  # (N*k,) the expert of each (token, slot) pair
@@ -990,24 +753,29 @@ class Experts(nn.Module):
         # (E,) rows per expert; not bincount, whose output size depends on the data (torch.compile)
         counts = flat.new_zeros(self.gate_up_proj.shape[0]).index_add_(0, flat, torch.ones_like(flat))
         rows = x[order // k]  # (N*k, H): each pair's token, in expert order
-        if self.min_rows:  # batch-invariant mode: every expert multiplies a multiple of min_rows rows
-            rows, counts, expert, keep = _pad_groups(rows, expert, counts, self.min_rows)
-        ends = counts.cumsum(0)
-        h = self.matmul(rows, "gate_up_proj", ends) + self.gate_up_proj_bias[expert]  # (N*k, 2I)
-        y = self.matmul(self.activation(h), "down_proj", ends) + self.down_proj_bias[expert]
-        if self.min_rows:
-            y = y[keep]  # the real pairs, in expert order again
+        if self.kernels.batch_invariant:  # every expert multiplies a multiple of 8 rows
+            y = fast_path("invariant").padded_groups(self.grouped_mlp, rows, expert, counts)
+        else:
+            y = self.grouped_mlp(rows, expert, counts.cumsum(0))  # (N*k, H)
         y = y * weights.reshape(-1)[order, None].to(y.dtype)  # (N*k, H)
         y = torch.empty_like(y).index_copy(0, order, y)  # back to (token, slot) order
         return y.view(N, k, -1).sum(dim=1).to(x.dtype)
 
+    def reference(self, x, expert_idx, weights):
+        """forward() as a plain loop over the experts (each on its tokens, weighted and added)."""
+        out = torch.zeros_like(x)
+        for e in range(self.gate_up_proj.shape[0]):
+            token, slot = torch.nonzero(expert_idx == e, as_tuple=True)
+            out = out.index_add(0, token, weights[token, slot, None] * self.mlp(e, x[token]))
+        return out
+
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels):
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
-        self.router = Linear(cfg.hidden_size, cfg.num_local_experts, bias=True)
-        self.experts = Experts(cfg)
+        self.router = Linear(cfg.hidden_size, cfg.num_local_experts, True, kernels)
+        self.experts = Experts(cfg, kernels)
 
     def forward(self, x):
         B, T, H = x.shape
@@ -1023,12 +791,12 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, kernels: Kernels):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = Attention(cfg, layer_idx, kernels)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg)
+        self.mlp = MoE(cfg, kernels)
 
     def forward(self, x, cos, sin, positions=None, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
@@ -1039,10 +807,11 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        self.kernels = Kernels()  # shared by every module below; see fast_path
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, self.kernels) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, self.kernels)  # untied
         self.rope = RotaryEmbedding(cfg)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
@@ -1064,37 +833,32 @@ class Transformer(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=gen) * s)
 
     def set_attention_backend(self, backend: str | None):
-        """Force an attention backend for this model only ("flash", "dense", "naive", "fa4", "nosink";
-        None: automatic). Lets a trainer run "nosink" beside a sampler copy that keeps the sinks."""
+        """Force an attention backend for this model only (one of BACKENDS; None: automatic). Lets a
+        trainer run "nosink" beside a sampler copy that keeps the sinks."""
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-        for layer in self.layers:
-            layer.self_attn.backend = backend
+        self.kernels.attention_backend = backend
 
     def set_batch_invariant(self, on: bool = True):
         """The batch-invariant mode: a token's log-prob gets the same bits whatever else is computed
         with it (rows in the batch, cached positions, prefill or decode), so a sampler and a trainer
-        running this model agree bit for bit. Every matrix product has a multiple of MIN_ROWS rows and
-        attention runs the "invariant" backend (key tiles in absolute positions). Off: the default
-        kernels and backend choice. A caching sampler must keep keys at their positions (full
-        caches; sampler.py does when the model's flag is on)."""
-        self.batch_invariant = on
-        for m in self.modules():
-            if isinstance(m, (Linear, Experts)):
-                m.min_rows = MIN_ROWS if on else 0
+        running this model agree bit for bit (invariant.py): every matrix product has a multiple of
+        8 rows and attention runs the "invariant" backend (key tiles in absolute positions). Off:
+        the default kernels and backend choice. A caching sampler must keep keys at their
+        positions (full caches; sampler.py does when the model's flag is on)."""
+        self.kernels.batch_invariant = on
         self.set_attention_backend("invariant" if on else None)
 
-    batch_invariant = False
+    @property
+    def batch_invariant(self) -> bool:
+        return self.kernels.batch_invariant
 
     def set_packed_experts(self, on: bool = True):
         """On: no-grad fp32 forwards on the CPU multiply by oneDNN-packed copies of the expert
         matrices (faster decoding with several rows per expert; up to twice the experts' memory;
-        see packed_grouped_matmul). Either way, the packed copies made so far are dropped."""
-        for m in self.modules():
-            if isinstance(m, Experts):
-                m.pack = on
-                for w in (m.gate_up_proj, m.down_proj):
-                    _PACKED.pop(w, None)
+        see kernels.expert_matmul_packed). Either way, the packed copies made so far are dropped."""
+        self.kernels.packed_experts = on
+        fast_path("kernels").drop_packed(self)
 
     def hidden(self, input_ids, positions=None, cache=None):
         """input_ids (B, T) -> the final-normed hidden states (B, T, H), before the unembedding.
@@ -1129,7 +893,8 @@ class Transformer(nn.Module):
 
     def hf_state_names(self) -> dict[str, nn.Parameter]:
         """HF checkpoint name -> parameter (everything but lm_head lives under 'model.')."""
-        return {(n if n.startswith("lm_head") else "model." + n): p for n, p in self.named_parameters()}
+        return {(name if name.startswith("lm_head") else "model." + name): param
+                for name, param in self.named_parameters()}
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device="cpu") -> "Transformer":
@@ -1153,16 +918,16 @@ class Transformer(nn.Module):
 
         os.makedirs(path, exist_ok=True)
         dtype = next(self.parameters()).dtype
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump({**self.config.to_hf_dict(), "dtype": str(dtype).removeprefix("torch.")}, f, indent=2)
-        tensors = {n: p.detach().contiguous().cpu() for n, p in self.hf_state_names().items()}
+        with open(os.path.join(path, "config.json"), "w") as file:
+            json.dump({**self.config.to_hf_dict(), "dtype": str(dtype).removeprefix("torch.")}, file, indent=2)
+        tensors = {name: param.detach().contiguous().cpu() for name, param in self.hf_state_names().items()}
         shards, size = [{}], 0
-        for name, t in tensors.items():
-            if size and size + t.nbytes > max_shard_bytes:
+        for name, tensor in tensors.items():
+            if size and size + tensor.nbytes > max_shard_bytes:
                 shards.append({})
                 size = 0
-            shards[-1][name] = t
-            size += t.nbytes
+            shards[-1][name] = tensor
+            size += tensor.nbytes
         if len(shards) == 1:
             save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
             return
@@ -1171,9 +936,10 @@ class Transformer(nn.Module):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
             weight_map.update({n: fname for n in shard})
-        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2)
+        total = sum(tensor.nbytes for tensor in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as file:
+            json.dump(index, file, indent=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1204,8 +970,8 @@ class _CheckpointReader:
 
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            with open(index) as file:
+                weight_map = json.load(file)["weight_map"]
         else:  # model.safetensors, or every *.safetensors when it is not there
             files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
             files = ["model.safetensors"] if "model.safetensors" in files else files
@@ -1213,8 +979,8 @@ class _CheckpointReader:
                 raise FileNotFoundError(f"no *.safetensors files in {path}")
             weight_map = {}
             for fname in files:
-                with safe_open(os.path.join(path, fname), framework="pt") as f:
-                    weight_map.update({k: fname for k in f.keys()})
+                with safe_open(os.path.join(path, fname), framework="pt") as file:
+                    weight_map.update({k: fname for k in file.keys()})
         self.path, self.weight_map = path, weight_map
         self.files = {fname: safe_open(os.path.join(path, fname), framework="pt")
                       for fname in sorted(set(weight_map.values()))}
@@ -1255,19 +1021,19 @@ class _CheckpointReader:
         """The tensor `name` as `dtype`, checked against the expected (bf16-form) shape."""
         if self._mxfp4_name(name):
             return self._load_mxfp4(name, shape, dtype)
-        t = self._get(name)
-        if not t.is_floating_point():
-            raise ValueError(f"tensor {name} has dtype {t.dtype}, expected a floating-point dtype")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}")
-        return t.to(dtype)
+        tensor = self._get(name)
+        if not tensor.is_floating_point():
+            raise ValueError(f"tensor {name} has dtype {tensor.dtype}, expected a floating-point dtype")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {shape}")
+        return tensor.to(dtype)
 
     def _load_mxfp4(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         E, n_in, n_out = shape  # the bf16 form is [in, out]; MXFP4 stores [out, in]
         blocks, scales = self._get(name + "_blocks"), self._get(name + "_scales")
-        for t, suffix in ((blocks, "_blocks"), (scales, "_scales")):
-            if t.dtype != torch.uint8:
-                raise ValueError(f"tensor {name}{suffix} has dtype {t.dtype}, expected torch.uint8")
+        for tensor, suffix in ((blocks, "_blocks"), (scales, "_scales")):
+            if tensor.dtype != torch.uint8:
+                raise ValueError(f"tensor {name}{suffix} has dtype {tensor.dtype}, expected torch.uint8")
         want_blocks, want_scales = (E, n_out, n_in // 32, 16), (E, n_out, n_in // 32)
         if tuple(blocks.shape) != want_blocks or tuple(scales.shape) != want_scales:
             raise ValueError(f"tensor {name}_blocks/_scales have shapes {tuple(blocks.shape)}/"

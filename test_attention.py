@@ -1,6 +1,6 @@
 """Tests of the sink-aware attention: the flash path against the naive reference (forward and every
 gradient, fp64/fp32/bf16), gradcheck, the sink gradient's closed form, parity with transformers'
-gpt_oss eager attention, tile skipping, the dispatcher, and FA4 on a GPU when there is one."""
+gpt_oss eager attention, tile skipping and the dispatcher (kernels.py's backends: test_kernels.py)."""
 
 import logging
 import math
@@ -9,7 +9,8 @@ import types
 import pytest
 import torch
 
-import model as A
+import kernels
+import model
 from model import attention, naive_attention
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
@@ -83,20 +84,7 @@ def test_flash_matches_naive(case, dtype):
     shape, kwargs = CASES[case]
     inputs = make_inputs(dtype=dtype, **shape)
     ref = outputs_and_grads(naive_attention, inputs, **kwargs)
-    got = outputs_and_grads(A.flash_attention, inputs, **kwargs, **SMALL_BLOCKS)
-    for name, g in zip(["out", "dq", "dk", "dv", "dsinks"], got):
-        assert g.dtype == dtype and torch.isfinite(g).all(), name
-    errors = max_rel_errors(got, ref)
-    assert max(errors) <= TOL[dtype], dict(zip(["out", "dq", "dk", "dv", "dsinks"], errors))
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", list(CASES))
-def test_dense_matches_naive(case, dtype):
-    shape, kwargs = CASES[case]
-    inputs = make_inputs(dtype=dtype, **shape)
-    ref = outputs_and_grads(naive_attention, inputs, **kwargs)
-    got = outputs_and_grads(A.dense_attention, inputs, **kwargs)
+    got = outputs_and_grads(model.flash_attention, inputs, **kwargs, **SMALL_BLOCKS)
     for name, g in zip(["out", "dq", "dk", "dv", "dsinks"], got):
         assert g.dtype == dtype and torch.isfinite(g).all(), name
     errors = max_rel_errors(got, ref)
@@ -105,7 +93,7 @@ def test_dense_matches_naive(case, dtype):
 
 def test_fully_masked_row_gives_zero_and_zero_grads():
     shape, kwargs = CASES["fully_masked_rows"]
-    for fn in (naive_attention, A.flash_attention, A.dense_attention):
+    for fn in (naive_attention, model.flash_attention, kernels.dense_attention):
         out, dq, dk, dv, dsinks = outputs_and_grads(fn, make_inputs(**shape), **kwargs)
         assert (out[0, [0, 4]] == 0).all() and (out[1] == 0).all()  # rows that see no key
         assert (dq[0, [0, 4]] == 0).all() and (dq[1] == 0).all()
@@ -123,7 +111,7 @@ def test_gradcheck_flash_float64(kwargs):
     # GQA (Hq = 2 Hkv), T = 11 not a multiple of the 4-wide tiles, sinks of +-3
     Tq = 3 if "q_pos" in kwargs else 11
     q, k, v, sinks = make_inputs(B=2, Tq=Tq, Tk=11, Hq=4, Hkv=2, D=3, dtype=torch.float64, sink_scale=3.0)
-    fn = lambda q, k, v, s: A.flash_attention(q, k, v, s, block_q=4, block_k=4, **kwargs)
+    fn = lambda q, k, v, s: model.flash_attention(q, k, v, s, block_q=4, block_k=4, **kwargs)
     assert torch.autograd.gradcheck(fn, (q, k, v, sinks))
 
 
@@ -132,7 +120,7 @@ def test_dsink_closed_form():
     dout = torch.randn(2, 21, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     out = naive_attention(q, k, v, sinks, sliding_window=5)
     (d_naive,) = torch.autograd.grad(out, sinks, dout)
-    (d_flash,) = torch.autograd.grad(A.flash_attention(q, k, v, sinks, sliding_window=5, block_k=4), sinks, dout)
+    (d_flash,) = torch.autograd.grad(model.flash_attention(q, k, v, sinks, sliding_window=5, block_k=4), sinks, dout)
     # lse_i = log(exp(sink_h) + sum_j exp(S_ij)); Delta_i = dO_i . O_i
     scores = torch.einsum("bihd,bjhd->bhij", q, k.repeat_interleave(2, dim=2)) / math.sqrt(8)
     i, j = torch.arange(21)[:, None], torch.arange(21)[None, :]
@@ -157,7 +145,7 @@ def test_naive_matches_transformers_gpt_oss_eager():
                                      mask, scaling=D ** -0.5)  # takes (B, H, T, D), returns (B, T, H, D)
     got = naive_attention(q, k, v, sinks, sliding_window=W)
     assert (got - ref).abs().max() <= 1e-6
-    assert (A.flash_attention(q, k, v, sinks, sliding_window=W, **SMALL_BLOCKS) - ref).abs().max() <= 1e-6
+    assert (model.flash_attention(q, k, v, sinks, sliding_window=W, **SMALL_BLOCKS) - ref).abs().max() <= 1e-6
 
 
 def test_nosink_is_plain_softmax_and_clearly_wrong():
@@ -178,7 +166,7 @@ def test_tile_skipping_makes_windowed_attention_linear():
     def matmul_flops(T, **kwargs):
         q, k, v, sinks = make_inputs(B=1, Tq=T, Hq=2, Hkv=1, D=4)
         with FlopCounterMode(display=False) as counter:
-            A.flash_attention(q, k, v, sinks, block_q=16, block_k=16, **kwargs).sum().backward()
+            model.flash_attention(q, k, v, sinks, block_q=16, block_k=16, **kwargs).sum().backward()
         return counter.get_total_flops()
 
     per_tile = matmul_flops(16)  # one query tile against one key tile
@@ -193,8 +181,8 @@ def test_tile_schedule_exact_for_contiguous_and_safe_for_ring_buffer():
     # every key of it is visible
     T, W, block = 100, 20, 16
     pos = torch.arange(T)[None]
-    schedule = A._tile_schedule(A._tile_bounds(pos, block), A._tile_bounds(pos, block), True, W)
-    full = A._visible(pos, pos, True, W)[0]
+    schedule = model._tile_schedule(model._tile_bounds(pos, block), model._tile_bounds(pos, block), True, W)
+    full = model._visible(pos, pos, True, W)[0]
     n_masked = 0
     for i, visits in schedule:
         needs_mask = dict(visits)
@@ -207,8 +195,8 @@ def test_tile_schedule_exact_for_contiguous_and_safe_for_ring_buffer():
     assert n_masked < sum(len(v) for _, v in schedule)  # some tiles really skip the mask
     # Ring buffer (unsorted positions): exactly the tiles holding a visible key are visited
     q_pos, k_pos = torch.tensor([[40]]), ring_buffer_positions([41], 32)  # slots hold 32..40, 9..31
-    schedule = A._tile_schedule(A._tile_bounds(q_pos, 4), A._tile_bounds(k_pos, 4), True, 16)
-    visible = A._visible(q_pos, k_pos, True, 16)
+    schedule = model._tile_schedule(model._tile_bounds(q_pos, 4), model._tile_bounds(k_pos, 4), True, 16)
+    visible = model._visible(q_pos, k_pos, True, 16)
     needed = [j for j in range(8) if visible[:, :, 4 * j:4 * j + 4].any()]
     assert [j for j, _ in schedule[0][1]] == needed == [0, 1, 2, 6, 7]  # window 25..40 wraps around
     assert schedule[0][1] == [(0, False), (1, False), (2, True), (6, True), (7, False)]
@@ -216,25 +204,25 @@ def test_tile_schedule_exact_for_contiguous_and_safe_for_ring_buffer():
 
 def test_dispatch_env_argument_errors_and_logging(monkeypatch, caplog):
     q, k, v, sinks = [t.detach() for t in make_inputs(B=1, Tq=5, Hq=2, Hkv=1, D=4)]
-    monkeypatch.setattr(A, "_backends_logged", set())
-    monkeypatch.delenv(A.ENV_BACKEND, raising=False)
-    with caplog.at_level(logging.INFO, logger=A.__name__):
+    monkeypatch.setattr(model, "_backends_logged", set())
+    monkeypatch.delenv(model.ATTENTION_BACKEND_VARIABLE, raising=False)
+    with caplog.at_level(logging.INFO, logger=model.__name__):
         attention(q, k, v, sinks)  # CPU, 5 queries, 50 score elements: the one-tile dense path
-        assert torch.equal(attention(q, k, v, sinks), A.dense_attention(q, k, v, sinks))
-        monkeypatch.setattr(A, "DENSE_MAX_SCORES", 49)  # one element too many: the tiled flash kernel
-        assert torch.equal(attention(q, k, v, sinks), A.flash_attention(q, k, v, sinks))
-        monkeypatch.setattr(A, "DENSE_MAX_SCORES", 50)
-        monkeypatch.setattr(A, "BLOCK_Q", 4)  # queries span two tiles: flash
-        assert torch.equal(attention(q, k, v, sinks), A.flash_attention(q, k, v, sinks))
-        monkeypatch.setattr(A, "BLOCK_Q", 128)
-        monkeypatch.setattr(A, "BLOCK_K", 2)  # 5 keys > window 2 + 2-key tiles: flash could skip one
+        assert torch.equal(attention(q, k, v, sinks), kernels.dense_attention(q, k, v, sinks))
+        monkeypatch.setattr(kernels, "DENSE_MAX_SCORES", 49)  # one element too many: the tiled flash kernel
+        assert torch.equal(attention(q, k, v, sinks), model.flash_attention(q, k, v, sinks))
+        monkeypatch.setattr(kernels, "DENSE_MAX_SCORES", 50)
+        monkeypatch.setattr(model, "BLOCK_Q", 4)  # queries span two tiles: flash
+        assert torch.equal(attention(q, k, v, sinks), model.flash_attention(q, k, v, sinks))
+        monkeypatch.setattr(model, "BLOCK_Q", 128)
+        monkeypatch.setattr(model, "BLOCK_K", 2)  # 5 keys > window 2 + 2-key tiles: flash could skip one
         assert torch.equal(attention(q, k, v, sinks, sliding_window=2),
-                           A.flash_attention(q, k, v, sinks, sliding_window=2))
+                           model.flash_attention(q, k, v, sinks, sliding_window=2))
         assert torch.equal(attention(q, k, v, sinks, sliding_window=3),
-                           A.dense_attention(q, k, v, sinks, sliding_window=3))
+                           kernels.dense_attention(q, k, v, sinks, sliding_window=3))
         attention(q, k, v, sinks)
-        monkeypatch.setenv(A.ENV_BACKEND, "nosink")
-        assert torch.equal(attention(q, k, v, sinks), A.nosink_attention(q, k, v, sinks))
+        monkeypatch.setenv(model.ATTENTION_BACKEND_VARIABLE, "nosink")
+        assert torch.equal(attention(q, k, v, sinks), model.nosink_attention(q, k, v, sinks))
         assert torch.equal(attention(q, k, v, sinks, backend="naive"), naive_attention(q, k, v, sinks))
     messages = [r.getMessage() for r in caplog.records]
     assert sum("backend: flash" in m for m in messages) == 1  # logged once
@@ -250,64 +238,3 @@ def test_dispatch_env_argument_errors_and_logging(monkeypatch, caplog):
         naive_attention(q, k, v, sinks[:1])
     with pytest.raises(ValueError, match="multiple of kv heads"):
         naive_attention(q, k.expand(1, 5, 3, 4), v.expand(1, 5, 3, 4), sinks)
-
-
-def fake_fa4(q, k, v, softmax_scale=None, causal=False, window_size=(None, None), learnable_sink=None,
-             return_lse=False):
-    """flash_attn.cute.flash_attn_func's contract as upstream documents it, in plain PyTorch: the
-    queries are aligned to the end of the keys; window_size=(left, right) keeps keys
-    i - left <= j <= i + right (causal forces right = 0); returns (out, lse) with the sink in lse.
-    Like FA4 releases without the sink backward, it gives no gradient to learnable_sink."""
-    assert learnable_sink.dtype == torch.bfloat16 and not learnable_sink.requires_grad
-    B, Tq, Hq, D = q.shape
-    Tk, G = k.shape[1], Hq // k.shape[2]
-    i, j = torch.arange(Tk - Tq, Tk)[:, None], torch.arange(Tk)[None, :]
-    left, right = window_size
-    right = 0 if causal else right
-    visible = torch.ones(Tq, Tk, dtype=torch.bool)
-    if left is not None:
-        visible &= j >= i - left
-    if right is not None:
-        visible &= j <= i + right
-    scale = D ** -0.5 if softmax_scale is None else softmax_scale
-    scores = torch.einsum("bihd,bjhd->bhij", q, k.repeat_interleave(G, dim=2)) * scale
-    scores = scores.masked_fill(~visible, -math.inf)
-    lse = torch.logaddexp(torch.logsumexp(scores, dim=-1), learnable_sink.float().view(1, Hq, 1))
-    out = torch.einsum("bhij,bjhd->bihd", torch.exp(scores - lse[..., None]), v.repeat_interleave(G, dim=2))
-    return out, lse
-
-
-@pytest.mark.parametrize("Tq, sliding_window", [(37, None), (37, 7), (5, 7), (1, 7)])
-def test_fa4_wrapper_with_a_stand_in_kernel(monkeypatch, Tq, sliding_window):
-    # Checks our side of the FA4 call on the CPU: the window mapping, the query alignment, and the
-    # sink gradient that _AddSinkGradient adds (compared with autograd through the reference)
-    monkeypatch.setattr(A, "_fa4_import", [fake_fa4])
-    monkeypatch.setattr(A, "_fa4_unsupported_reason", lambda *args: None)
-    inputs = make_inputs(Tq=Tq, Tk=37)
-    with torch.no_grad():
-        inputs[3].copy_(torch.tensor([-10.0, -7, -4, -1, 1, 4, 7, 10]))  # exact in bf16
-    ref = outputs_and_grads(naive_attention, inputs, sliding_window=sliding_window)
-    got = outputs_and_grads(attention, inputs, sliding_window=sliding_window)  # default -> fa4
-    errors = max_rel_errors(got, ref)
-    assert max(errors) <= 1e-5, dict(zip(["out", "dq", "dk", "dv", "dsinks"], errors))
-
-
-def _fa4_ready():
-    return (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
-            and A._import_fa4() is not None)
-
-
-@pytest.mark.skipif(not _fa4_ready(), reason="needs CUDA with compute capability >= 9.0 and "
-                    "flash-attn-4 (flash_attn.cute) installed")
-@pytest.mark.parametrize("sliding_window", [None, 128])
-@pytest.mark.parametrize("Tq", [300, 1])
-def test_fa4_matches_flash_on_gpu(sliding_window, Tq):
-    inputs = [t.detach().cuda().requires_grad_()
-              for t in make_inputs(B=2, Tq=Tq, Tk=300, Hq=8, Hkv=2, D=64, dtype=torch.bfloat16)]
-    ref = outputs_and_grads(A.flash_attention, inputs, sliding_window=sliding_window)
-    got = outputs_and_grads(A.fa4_attention, inputs, sliding_window=sliding_window)
-    q, k = inputs[:2]
-    assert A._fa4_unsupported_reason(q, k, None, None) is None  # so the default backend is fa4
-    assert torch.equal(attention(*inputs, sliding_window=sliding_window), got[0])
-    errors = max_rel_errors(got, ref)
-    assert max(errors) <= 3e-2, dict(zip(["out", "dq", "dk", "dv", "dsinks"], errors))

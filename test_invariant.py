@@ -8,32 +8,32 @@ import json
 import pytest
 import torch
 
-import model as M
-import sampler as S
+import model
+import sampler
 import train
 
 
 @pytest.fixture(scope="module")
 def tiny():
     """Window 8 (generations run far past it), large sinks, random weights."""
-    cfg = M.preset("tiny", sliding_window=8)
-    m = M.Transformer(cfg)
-    m.init_weights(seed=0)
+    cfg = model.preset("tiny", sliding_window=8)
+    net = model.Transformer(cfg)
+    net.init_weights(seed=0)
     with torch.no_grad():
-        for layer in m.layers:
+        for layer in net.layers:
             layer.self_attn.sinks.normal_(0.0, 2.0, generator=torch.Generator().manual_seed(1))
-    return m
+    return net
 
 
-def sampler_vs_trainer(m, rows: int, invariant: bool, gen: int = 24):
+def sampler_vs_trainer(net, rows: int, invariant: bool, gen: int = 24):
     """Sample `rows` episodes (two turns with a tool-like reply appended to every other row), then
     the trainer's log-probs of the same tokens (train.token_logprobs: one forward over the padded
     batch). Returns both on the generated tokens, flattened."""
-    m.set_batch_invariant(invariant)
-    g = torch.Generator().manual_seed(rows)
-    lengths = torch.randint(3, 20, (rows,), generator=g).tolist()
-    prompts = [torch.randint(0, m.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
-    sess = S.Sampler(m).session(prompts, max_len=128)
+    net.set_batch_invariant(invariant)
+    rng = torch.Generator().manual_seed(rows)
+    lengths = torch.randint(3, 20, (rows,), generator=rng).tolist()
+    prompts = [torch.randint(0, net.config.vocab_size, (n,), generator=rng).tolist() for n in lengths]
+    sess = sampler.Sampler(net).session(prompts, max_len=128)
     sess.generate(max_new_tokens=gen, seed=rows)
     sess.append({r: [5, 6, 7] for r in range(0, rows, 2)})  # a multi-turn continuation
     sess.generate(max_new_tokens=8, seed=rows + 1)
@@ -46,8 +46,8 @@ def sampler_vs_trainer(m, rows: int, invariant: bool, gen: int = 24):
     tokens, mask = torch.tensor(padded("tokens", 0)), torch.tensor(padded("mask", 0)).bool()
     behaviour = torch.tensor(padded("logprobs", 0.0))
     with torch.no_grad():
-        trainer, _ = train.token_logprobs(m, tokens, mask)
-    m.set_batch_invariant(False)
+        trainer, _ = train.token_logprobs(net, tokens, mask)
+    net.set_batch_invariant(False)
     where = mask[:, 1:]
     return behaviour[:, 1:][where], trainer[where]
 
@@ -57,8 +57,8 @@ def sampler_vs_trainer(m, rows: int, invariant: bool, gen: int = 24):
 @pytest.mark.parametrize("block,threads", [(128, 1), (16, 2)])
 def test_invariant_mode_is_bitwise_for_batches_of_1_to_33_rows(tiny, monkeypatch, block, threads):
     torch.set_num_threads(threads)
-    monkeypatch.setattr(M, "BLOCK_Q", block)
-    monkeypatch.setattr(M, "BLOCK_K", block)
+    monkeypatch.setattr(model, "BLOCK_Q", block)
+    monkeypatch.setattr(model, "BLOCK_K", block)
     for rows in range(1, 34):
         behaviour, trainer = sampler_vs_trainer(tiny, rows, invariant=True)
         assert behaviour.numel() >= rows * 24
@@ -86,7 +86,7 @@ def test_invariant_mode_changes_no_result_beyond_rounding(tiny):
         tiny.set_batch_invariant(True)
         invariant = tiny(ids)
         tiny.set_batch_invariant(False)
-        exact = M.Transformer(tiny.config).double()
+        exact = model.Transformer(tiny.config).double()
         exact.load_state_dict(tiny.state_dict())
         reference = exact(ids)
     assert (invariant - default).abs().max().item() < 1e-5
@@ -98,22 +98,22 @@ def test_invariant_attention_refuses_keys_away_from_their_positions():
     k = v = torch.randn(1, 4, 1, 8)
     ring = torch.tensor([[4, 1, 2, 3]])  # a ring buffer: position 4 stored in slot 0
     with pytest.raises(ValueError, match="at the index of its position"):
-        M.attention(q, k, v, torch.zeros(2), q_pos=torch.tensor([[4]]), k_pos=ring, backend="invariant")
+        model.attention(q, k, v, torch.zeros(2), q_pos=torch.tensor([[4]]), k_pos=ring, backend="invariant")
 
 
 def test_training_in_invariant_mode_logs_zero_mismatch(tmp_path):
     train.main(["--preset", "tiny", "--sft-steps", "2", "--sft-batch", "4", "--prompts", "2", "--group-size", "2",
                 "--eval-every", "2", "--eval-episodes", "2", "--max-new-tokens", "24", "--steps", "3",
                 "--rollout-correction", "token-tis", "--batch-invariant", "--out", str(tmp_path), "--name", "inv"])
-    with open(tmp_path / "inv" / "metrics.jsonl") as f:
-        rl = [r for r in map(json.loads, f) if r["phase"] == "rl"]
+    with open(tmp_path / "inv" / "metrics.jsonl") as metrics:
+        rl = [row for row in map(json.loads, metrics) if row["phase"] == "rl"]
     assert len(rl) == 3
-    for r in rl:
+    for row in rl:
         for key in ("rollout_corr/kl", "rollout_corr/k3_kl", "rollout_corr/chi2_token",
                     "rollout_corr/max_abs_prob_diff", "rollout_corr/log_ppl_abs_diff"):
-            assert r[key] == 0.0, (r["step"], key, r[key])
+            assert row[key] == 0.0, (row["step"], key, row[key])
         for key in ("rollout_corr/rollout_is_mean", "rollout_corr/rollout_is_min", "rollout_corr/rollout_is_max"):
-            assert r[key] == 1.0, (r["step"], key, r[key])
+            assert row[key] == 1.0, (row["step"], key, row[key])
 
 
 def test_batch_invariant_needs_one_model_for_sampler_and_trainer(tmp_path, capsys):

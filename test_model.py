@@ -2,7 +2,6 @@
 random checkpoints with non-trivial values: large sinks, a window shorter than the sequence,
 GQA, biases, sequence lengths that are not powers of two."""
 
-import copy
 import json
 import os
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import model as M
+import model
 from conftest import randomize_
 
 transformers = pytest.importorskip("transformers")
@@ -19,13 +18,13 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors  # noqa: 
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
 # >= 4 layers of both types, window 5 < T, GQA 4/2, 8 experts top-2.
-CFG = M.preset("tiny", num_hidden_layers=4, sliding_window=5)
+CFG = model.preset("tiny", num_hidden_layers=4, sliding_window=5)
 
 
-def hf_config(cfg: M.ModelConfig, **rope_overrides) -> GptOssConfig:
-    d = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type")}
-    d["rope_parameters"] = {**d["rope_parameters"], **rope_overrides}
-    hcfg = GptOssConfig(**d)
+def hf_config(cfg: model.ModelConfig, **rope_overrides) -> GptOssConfig:
+    fields = {key: value for key, value in cfg.to_hf_dict().items() if key not in ("architectures", "model_type")}
+    fields["rope_parameters"] = {**fields["rope_parameters"], **rope_overrides}
+    hcfg = GptOssConfig(**fields)
     hcfg._attn_implementation = "eager"
     return hcfg
 
@@ -50,7 +49,7 @@ def inputs(B=3, T=13, seed=1):
 
 def test_loads_transformers_checkpoint_and_matches_logprobs(hf_checkpoint):
     hf, path = hf_checkpoint
-    ours = M.Transformer.from_pretrained(path)
+    ours = model.Transformer.from_pretrained(path)
     for T in (13, 7):  # window 5 shorter than both
         x = inputs(T=T)
         with torch.no_grad():
@@ -59,7 +58,7 @@ def test_loads_transformers_checkpoint_and_matches_logprobs(hf_checkpoint):
 
 
 def test_save_pretrained_loads_in_transformers(tmp_path):
-    ours = M.Transformer(CFG)
+    ours = model.Transformer(CFG)
     randomize_(ours, seed=3)
     ours.save_pretrained(tmp_path)
     hf = GptOssForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
@@ -70,12 +69,12 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
 
 
 def test_sharded_checkpoint_roundtrip(tmp_path):
-    ours = M.Transformer(CFG)
+    ours = model.Transformer(CFG)
     randomize_(ours, seed=4)
     ours.save_pretrained(tmp_path, max_shard_bytes=100_000)
     index = json.load(open(tmp_path / "model.safetensors.index.json"))
     assert len(set(index["weight_map"].values())) > 1
-    again = M.Transformer.from_pretrained(str(tmp_path))
+    again = model.Transformer.from_pretrained(str(tmp_path))
     for (n, a), b in zip(ours.named_parameters(), again.parameters()):
         assert torch.equal(a, b), n
 
@@ -91,7 +90,7 @@ def random_mxfp4(shape_out_in, gen):
 def test_dequantize_mxfp4_worked_examples():
     blocks = torch.tensor([[0x21] + [0] * 15, [0xF9] + [0] * 15], dtype=torch.uint8)
     scales = torch.tensor([127, 129], dtype=torch.uint8)
-    out = M.dequantize_mxfp4(blocks, scales, torch.float32)  # two blocks of 32 values
+    out = model.dequantize_mxfp4(blocks, scales, torch.float32)  # two blocks of 32 values
     assert out.shape == (64,)
     assert out[:2].tolist() == [0.5, 1.0]
     assert out[32:34].tolist() == [-2.0, -24.0]
@@ -112,11 +111,11 @@ def test_mxfp4_checkpoint_matches_transformers_dequantiser(hf_checkpoint, tmp_pa
     save_file(tensors, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(open(os.path.join(path, "config.json")).read())
 
-    ours = M.Transformer.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    ours = model.Transformer.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
     names = ours.hf_state_names()
     for name, ref in dense.items():
         assert torch.equal(names[name].detach(), ref), name  # bit for bit
-    ours = M.Transformer.from_pretrained(str(tmp_path))  # fp32 for the logits comparison
+    ours = model.Transformer.from_pretrained(str(tmp_path))  # fp32 for the logits comparison
     with torch.no_grad():
         for name, ref in dense.items():
             hf.get_parameter(name).copy_(ref.float())
@@ -127,28 +126,28 @@ def test_mxfp4_checkpoint_matches_transformers_dequantiser(hf_checkpoint, tmp_pa
 
 def test_yarn_inv_freq_matches_transformers_without_truncation():
     hf_inv, hf_scale = ROPE_INIT_FUNCTIONS["yarn"](hf_config(CFG))
-    ours, concentration = M.yarn_inv_freq(CFG)
+    ours, concentration = model.yarn_inv_freq(CFG)
     torch.testing.assert_close(ours.float(), hf_inv, rtol=1e-6, atol=0)
     assert abs(concentration - hf_scale) < 1e-12
     # gpt-oss-20b numbers of SPEC 1
-    low, high = M.yarn_bounds(M.preset("gpt-oss-20b"))
+    low, high = model.yarn_bounds(model.preset("gpt-oss-20b"))
     assert (round(low, 4), round(high, 4)) == (8.0928, 17.398)
-    assert abs(M.yarn_inv_freq(M.preset("gpt-oss-20b"))[1] - 1.346574) < 1e-6
+    assert abs(model.yarn_inv_freq(model.preset("gpt-oss-20b"))[1] - 1.346574) < 1e-6
 
 
 def test_rounded_yarn_bounds_differ():
     """Guards the shipped bug: rounding low/high changes frequencies by a lot."""
-    cfg = M.preset("gpt-oss-20b")
-    exact, _ = M.yarn_inv_freq(cfg)
-    rounded, _ = M.yarn_inv_freq(cfg, truncate=True)
+    cfg = model.preset("gpt-oss-20b")
+    exact, _ = model.yarn_inv_freq(cfg)
+    rounded, _ = model.yarn_inv_freq(cfg, truncate=True)
     hf_rounded, _ = ROPE_INIT_FUNCTIONS["yarn"](hf_config(cfg, truncate=True))
     torch.testing.assert_close(rounded.float(), hf_rounded, rtol=1e-6, atol=0)
     assert ((rounded - exact).abs() / exact).max() > 0.3
 
 
 def test_preset_parameter_counts():
-    assert round(M.count_parameters(M.preset("gpt-oss-20b")) / 1e9, 3) == 20.915
-    assert round(M.count_parameters(M.preset("gpt-oss-120b")) / 1e9, 3) == 116.829
+    assert round(model.count_parameters(model.preset("gpt-oss-20b")) / 1e9, 3) == 20.915
+    assert round(model.count_parameters(model.preset("gpt-oss-120b")) / 1e9, 3) == 116.829
 
 
 def test_config_from_legacy_rope_scaling(tmp_path):
@@ -159,12 +158,12 @@ def test_config_from_legacy_rope_scaling(tmp_path):
                             "original_max_position_embeddings": 4096},
            "quantization_config": {"quant_method": "mxfp4"}}
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    cfg = M.ModelConfig.from_json(tmp_path / "config.json")
+    cfg = model.ModelConfig.from_json(tmp_path / "config.json")
     assert cfg.rope_parameters["truncate"] is False  # absent means False for GPT-OSS
     assert cfg.layer_types == ["sliding_attention", "full_attention"]
     raw["rope_scaling"]["truncate"] = True
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    assert M.ModelConfig.from_json(tmp_path / "config.json").rope_parameters["truncate"] is True
+    assert model.ModelConfig.from_json(tmp_path / "config.json").rope_parameters["truncate"] is True
 
 
 @pytest.mark.parametrize("change, message", [
@@ -176,12 +175,12 @@ def test_config_from_legacy_rope_scaling(tmp_path):
 ])
 def test_config_validation(change, message):
     with pytest.raises(ValueError, match=message):
-        M.preset("tiny", **change)
+        model.preset("tiny", **change)
 
 
 @pytest.fixture
 def saved(tmp_path):
-    ours = M.Transformer(CFG)
+    ours = model.Transformer(CFG)
     ours.save_pretrained(tmp_path)
     return tmp_path, load_file(tmp_path / "model.safetensors")
 
@@ -191,7 +190,7 @@ def test_bad_checkpoint_missing_tensor(saved):
     del tensors["model.layers.1.self_attn.sinks"]
     save_file(tensors, path / "model.safetensors")
     with pytest.raises(ValueError, match=r"missing 1 tensor.*layers\.1\.self_attn\.sinks \(expected shape \(4,\)\)"):
-        M.Transformer.from_pretrained(str(path))
+        model.Transformer.from_pretrained(str(path))
 
 
 def test_bad_checkpoint_unexpected_tensor(saved):
@@ -199,7 +198,7 @@ def test_bad_checkpoint_unexpected_tensor(saved):
     tensors["model.layers.0.extra"] = torch.zeros(3)
     save_file(tensors, path / "model.safetensors")
     with pytest.raises(ValueError, match=r"unexpected tensor.*model\.layers\.0\.extra"):
-        M.Transformer.from_pretrained(str(path))
+        model.Transformer.from_pretrained(str(path))
 
 
 def test_bad_checkpoint_wrong_shape(saved):
@@ -207,7 +206,7 @@ def test_bad_checkpoint_wrong_shape(saved):
     tensors["model.layers.0.mlp.router.weight"] = torch.zeros(7, 64)
     save_file(tensors, path / "model.safetensors")
     with pytest.raises(ValueError, match=r"router\.weight has shape \(7, 64\), expected \(8, 64\)"):
-        M.Transformer.from_pretrained(str(path))
+        model.Transformer.from_pretrained(str(path))
 
 
 def test_bad_checkpoint_wrong_dtype(saved):
@@ -215,7 +214,7 @@ def test_bad_checkpoint_wrong_dtype(saved):
     tensors["model.norm.weight"] = torch.ones(64, dtype=torch.int32)
     save_file(tensors, path / "model.safetensors")
     with pytest.raises(ValueError, match=r"model\.norm\.weight has dtype torch\.int32, expected a floating"):
-        M.Transformer.from_pretrained(str(path))
+        model.Transformer.from_pretrained(str(path))
 
 
 def test_bad_checkpoint_mxfp4_dtype(saved):
@@ -226,7 +225,7 @@ def test_bad_checkpoint_mxfp4_dtype(saved):
     tensors[name + "_scales"] = torch.zeros(E, H, I // 32, dtype=torch.uint8)
     save_file(tensors, path / "model.safetensors")
     with pytest.raises(ValueError, match=r"down_proj_blocks has dtype torch\.float32, expected torch\.uint8"):
-        M.Transformer.from_pretrained(str(path))
+        model.Transformer.from_pretrained(str(path))
 
 
 @pytest.mark.parametrize("text, message", [
@@ -239,15 +238,16 @@ def test_bad_config_json(saved, text, message):
     path, _ = saved
     (path / "config.json").write_text(text)
     with pytest.raises(ValueError, match=message):
-        M.Transformer.from_pretrained(str(path))
+        model.Transformer.from_pretrained(str(path))
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=str)
-def test_experts_grouped_matmul_matches_per_expert_reference(dtype, tol, monkeypatch):
-    """Experts.forward (every expert in one grouped matmul; float64 one expert at a time) against
-    Experts.mlp applied pair by pair, forward and every gradient; some experts get no token."""
-    cfg = M.preset("tiny", num_local_experts=8, num_experts_per_tok=2)
-    experts = M.Experts(cfg).to(dtype)
+def test_experts_expert_matmul_matches_per_expert_reference(dtype, tol, monkeypatch):
+    """Experts.forward (every expert in one grouped product; float64 one expert at a time) and
+    the per-expert loop Experts.reference against Experts.mlp applied pair by pair, forward and
+    every gradient; some experts get no token."""
+    cfg = model.preset("tiny", num_local_experts=8, num_experts_per_tok=2)
+    experts = model.Experts(cfg).to(dtype)
     randomize_(experts, seed=5)
     N = 6  # 12 pairs over 8 experts
     gen = torch.Generator().manual_seed(6)
@@ -256,7 +256,7 @@ def test_experts_grouped_matmul_matches_per_expert_reference(dtype, tol, monkeyp
     weights = top.softmax(-1).to(dtype)
     calls = []
     grouped_mm = torch.nn.functional.grouped_mm
-    monkeypatch.setattr(M.F, "grouped_mm", lambda *a, **kw: calls.append(1) or grouped_mm(*a, **kw))
+    monkeypatch.setattr(model.F, "grouped_mm", lambda *a, **kw: calls.append(1) or grouped_mm(*a, **kw))
     got = experts(x, idx, weights)
     assert len(calls) == (2 if dtype == torch.float32 else 0)  # fp32: one call per projection
     ref = torch.stack([sum(weights[n, s] * experts.mlp(int(idx[n, s]), x[n:n + 1])[0] for s in range(2))
@@ -264,63 +264,17 @@ def test_experts_grouped_matmul_matches_per_expert_reference(dtype, tol, monkeyp
     assert len(set(idx.flatten().tolist())) < 8  # an expert without rows is skipped correctly
     dout = torch.randn(got.shape, generator=gen, dtype=dtype)
     params = [x] + list(experts.parameters())
-    for a, b in zip([got] + list(torch.autograd.grad(got, params, dout)),
-                    [ref] + list(torch.autograd.grad(ref, params, dout))):
-        assert (a - b).abs().max() <= tol * b.abs().max().clamp(min=1)
-
-
-def test_packed_experts_match_grouped_matmul_and_follow_weight_updates():
-    """set_packed_experts: no-grad fp32 products of 3+ rows on oneDNN-packed matrices (fewer rows
-    on MKL) equal the grouped matmul's; a new weight version is packed again; grad mode and the
-    batch-invariant mode keep grouped_matmul; a deepcopy packs its own."""
-    cfg = M.preset("tiny", num_local_experts=8, num_experts_per_tok=2)
-    net = M.Transformer(cfg)
-    randomize_(net, seed=8)
-    experts = net.layers[0].mlp.experts
-    gen = torch.Generator().manual_seed(9)
-    x = torch.randn(6, cfg.hidden_size, generator=gen)
-    idx = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 1], [0, 2], [4, 5]])  # rows: 4, 3, 2, 1, 1, 1, 0, 0
-    weights = torch.rand(6, 2, generator=gen).softmax(-1)
-    ids = torch.randint(0, cfg.vocab_size, (3, 9), generator=gen)
-
-    def close(a, b):
-        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
-
-    ref, ref_logits = experts(x, idx, weights).detach(), net(ids).detach()  # grad mode: grouped_mm
-    net.set_packed_experts(True)
-    with torch.no_grad():
-        close(experts(x, idx, weights), ref)
-        packed = M._PACKED[experts.gate_up_proj][1]  # expert -> packed matrix
-        assert sorted(packed) == [0, 1]  # 3+ rows: packed; 1-2 rows: MKL
-        close(net(ids), ref_logits)
-        for p in net.parameters():  # an in-place update (a new _version)
-            p.mul_(1.5)
-    ref, ref_logits = experts(x, idx, weights).detach(), net(ids).detach()
-    with torch.no_grad():
-        got = net(ids)
-        assert M._PACKED[experts.gate_up_proj][1] is not packed  # packed again
-        close(got, ref_logits)
-        close(experts(x, idx, weights), ref)
-        assert torch.equal(copy.deepcopy(net)(ids), got)
-        net.set_packed_experts(False)
-        assert experts.gate_up_proj not in M._PACKED
-        net(ids)
-        assert experts.gate_up_proj not in M._PACKED
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 products as grouped_matmul casts them
-            low = experts(x, idx, weights)
-            net.set_packed_experts(True)
-            assert torch.equal(experts(x, idx, weights), low)
-        assert experts.gate_up_proj not in M._PACKED
-        net.set_packed_experts(True)
-        net.set_batch_invariant(True)  # its own padded products: never packed
-        net(ids)
-        assert experts.gate_up_proj not in M._PACKED
+    loop = experts.reference(x, idx, weights)
+    expected = [ref] + list(torch.autograd.grad(ref, params, dout))
+    for out in (got, loop):
+        for a, b in zip([out] + list(torch.autograd.grad(out, params, dout)), expected):
+            assert (a - b).abs().max() <= tol * b.abs().max().clamp(min=1)
 
 
 def test_experts_under_bf16_autocast():
     """grouped_mm is not on autocast's list: the experts cast to bf16 themselves, as matmul would."""
-    cfg = M.preset("tiny")
-    experts = M.Experts(cfg)
+    cfg = model.preset("tiny")
+    experts = model.Experts(cfg)
     randomize_(experts, seed=7)
     x = torch.randn(5, cfg.hidden_size)
     top, idx = torch.randn(5, cfg.num_local_experts).topk(2, dim=-1)
@@ -333,29 +287,29 @@ def test_experts_under_bf16_autocast():
 
 def test_backward_reaches_every_parameter():
     torch.manual_seed(0)
-    m = M.Transformer(CFG)
-    randomize_(m)
+    net = model.Transformer(CFG)
+    randomize_(net)
     x = torch.randint(0, CFG.vocab_size, (4, 24))
-    logp = torch.log_softmax(m(x), dim=-1)
+    logp = torch.log_softmax(net(x), dim=-1)
     logp[:, :-1].gather(-1, x[:, 1:, None]).mean().backward()
-    for name, p in m.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    for name, param in net.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
 def test_out_of_range_token_ids_and_positions():
-    m = M.Transformer(M.preset("tiny", max_position_embeddings=16))
+    net = model.Transformer(model.preset("tiny", max_position_embeddings=16))
     with pytest.raises(ValueError, match="token id out of range"):
-        m(torch.tensor([[0, CFG.vocab_size]]))
+        net(torch.tensor([[0, CFG.vocab_size]]))
     with pytest.raises(ValueError, match=r"position \(max_position_embeddings\) out of range \[0, 16\)"):
-        m(torch.zeros(1, 17, dtype=torch.long))
+        net(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(ValueError, match="position"):
-        m(torch.tensor([[1, 2]]), positions=torch.tensor([[15, 16]]))
-    m(torch.tensor([[1, 2]]), positions=torch.tensor([[-1, 15]]))  # -1 (padding) and the last position
+        net(torch.tensor([[1, 2]]), positions=torch.tensor([[15, 16]]))
+    net(torch.tensor([[1, 2]]), positions=torch.tensor([[-1, 15]]))  # -1 (padding) and the last position
 
 
 def test_flash_path_matches_naive_path_and_nosink_does_not(hf_checkpoint):
     hf, path = hf_checkpoint
-    ours = M.Transformer.from_pretrained(path)
+    ours = model.Transformer.from_pretrained(path)
     x = inputs(T=13)
     with torch.no_grad():
         flash = logsoftmax(ours(x))  # the default backend on CPU
@@ -372,8 +326,8 @@ def test_flash_path_matches_naive_path_and_nosink_does_not(hf_checkpoint):
 def test_float64_model_stays_float64(hf_checkpoint):
     """The ground truth: RMSNorm and the logits are not rounded through fp32 in a float64 model."""
     _, path = hf_checkpoint
-    m64 = M.Transformer.from_pretrained(path, dtype=torch.float64)
-    m32 = M.Transformer.from_pretrained(path)
+    m64 = model.Transformer.from_pretrained(path, dtype=torch.float64)
+    m32 = model.Transformer.from_pretrained(path)
     x = inputs(T=9)
     with torch.no_grad():
         l64, l32 = m64(x), m32(x)
