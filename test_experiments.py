@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import experiments
+import runner
 
 
 def write_run(root, name, steps, *, kl=0.0, ppo_kl=0.0, clip=0.0, success=0.5, routing=0.0, done=True):
@@ -45,6 +46,13 @@ def test_plan_is_the_grid_with_explicit_options():
     assert bf16[bf16.index("--sampler-dtype") + 1] == "bfloat16" and "--trainer-attention" not in bf16
     assert "--steps" in warm[0].argv and warm[0].argv[warm[0].argv.index("--steps") + 1] == "0"
     assert experiments.parse_args([]).seeds == [0]  # the default fits make experiments in well under an hour
+
+
+def test_the_runs_snapshot_holds_every_project_file_train_imports():
+    """runner.py copies what a run executes: train.py and its project imports, model.py's lazy ones too."""
+    files = set(runner.code_files())
+    assert {"train.py", "distributed.py", "model.py", "sampler.py", "env.py", "harmony.py", "ppo.py"} <= files
+    assert not any(f.startswith("test_") for f in files) and "experiments.py" not in files and "bench.py" not in files
 
 
 def test_analysis_writes_table_json_and_plots(tmp_path):

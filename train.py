@@ -625,6 +625,7 @@ def train(run: Run, start: int):
 
 
 def main(argv=None):
+    """Open the run, warm-start (or resume), the RL steps, the summary."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
