@@ -16,12 +16,17 @@ model.py reaches this file only through model.fast_path, imported on first use.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+import invariant
 import model
+
+logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------
 # One tile: attention for small score matrices
@@ -69,6 +74,136 @@ def default_backend(q, k, sliding_window, q_pos, k_pos) -> tuple[str, str]:
     if reason is None:
         return "fa4", "default"
     return ("dense" if _dense_is_faster(q, k, sliding_window) else "flash"), f"default; not fa4: {reason}"
+
+
+# backend -> the line logged the first time it runs
+BACKEND_DESCRIPTIONS = {
+    "flash": "pure-PyTorch flash attention with sinks",
+    "dense": "one tile with sinks, for small score matrices",
+    "naive": "reference; materialises the (Tq, Tk) scores",
+    "fa4": "FlashAttention-4 kernel with learnable sinks",
+    "nosink": "WRONG for GPT-OSS: sinks dropped as FlashAttention-2 did (for mismatch experiments only)",
+    "invariant": "flash with tiles fixed in absolute key positions: batch-invariant mode",
+}
+_backends_logged = set()
+
+
+def attention_backend(q, k, sliding_window, q_pos, k_pos, backend=None):
+    """model.attention's dispatch: the function of `backend`, else of the GPTOSS_ATTENTION
+    environment variable's backend, else of default_backend's choice. Logged once per backend."""
+    variable = model.ATTENTION_BACKEND_VARIABLE
+    if backend is not None:
+        why = "backend argument"
+    elif os.environ.get(variable, "").strip():
+        backend, why = os.environ[variable].strip().lower(), f"{variable} environment variable"
+    else:
+        backend, why = default_backend(q, k, sliding_window, q_pos, k_pos)
+    if backend not in BACKEND_DESCRIPTIONS:
+        raise ValueError(f"unknown attention backend {backend!r} ({why}); choose one of {model.BACKENDS}")
+    if backend not in _backends_logged:
+        _backends_logged.add(backend)
+        log = logger.warning if backend == "nosink" else logger.info
+        log("attention backend: %s (%s) [%s]", backend, BACKEND_DESCRIPTIONS[backend], why)
+    if backend == "invariant":
+        return invariant.invariant_attention
+    here = {"dense": dense_attention, "fa4": fa4_attention, "nosink": nosink_attention}
+    return here.get(backend) or getattr(model, backend + "_attention")
+
+
+# ----------------------------------------------------------------------------------------------
+# The experts' product: F.grouped_mm's requirements, and the packed and compiled variants
+
+
+def grouped_mm_supported(rows, w) -> bool:
+    """Whether F.grouped_mm has a kernel for these operands: fp32/bf16/fp16 (not float64) and
+    16-byte-aligned pointers and row strides (what its CPU and CUDA kernels require)."""
+    if rows.dtype not in (torch.float32, torch.bfloat16, torch.float16) or w.dtype != rows.dtype:
+        return False
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in (rows, w))
+
+
+# ----------------------------------------------------------------------------------------------
+# The retrospective's bug, on purpose
+
+
+def nosink_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=None, k_pos=None,
+                     scale=None):
+    """WRONG for GPT-OSS, on purpose: attention with the sinks dropped (a plain softmax over the
+    keys), which is what FlashAttention-2 computed in the trainer while the inference engine
+    honoured the sinks. Kept only to reproduce that training/inference mismatch in experiments.
+
+    Implemented as the flash kernel with every sink at the most negative finite logit, so the sink
+    gets no probability mass (exactly a plain softmax) and a row with no visible key still gives 0
+    instead of NaN. `sinks` is accepted for the common signature and gets no gradient.
+    """
+    no_mass = torch.finfo(torch.float32).min  # exp(no_mass - m) == 0 for any finite score m
+    return model.flash_attention(q, k, v, torch.full_like(sinks, no_mass, dtype=torch.float32),
+                           causal=causal, sliding_window=sliding_window, q_pos=q_pos, k_pos=k_pos,
+                           scale=scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block sparsity: the key tiles model.flash_attention visits
+
+
+def tile_schedule(q_pos, k_pos, block_q, block_k, causal, sliding_window):
+    """flash_attention's schedule for (B, Tq) query and (B, Tk) key positions: _tile_schedule of
+    the tiles' position bounds."""
+    return _tile_schedule(_tile_bounds(q_pos, block_q), _tile_bounds(k_pos, block_k), causal, sliding_window)
+
+
+def _tile_bounds(pos, block):
+    """(B, T) positions -> for each tile of `block` columns, (lowest, highest, complete) over the
+    batch: the extreme non-negative positions and whether no position is negative; None for a
+    tile holding only negative (empty) positions. One host sync for all tiles."""
+    B, T = pos.shape
+    if T == 0:
+        return []
+    n_tiles = -(-T // block)
+    padded = pos.new_full((B, n_tiles * block), -1)
+    padded[:, :T] = pos
+    padded = padded.view(B, n_tiles, block)  # (B, n_tiles, block)
+    valid = padded >= 0
+    valid[:, -1, block - (n_tiles * block - T):] = True  # the last tile's padding is not a slot
+    lowest = torch.where(padded >= 0, padded, torch.iinfo(torch.int64).max).amin(dim=(0, 2))
+    highest = padded.amax(dim=(0, 2))  # -1 when the tile has no valid position
+    complete = valid.all(dim=2).all(dim=0)
+    return [(lo, hi, full) if hi >= 0 else None
+            for lo, hi, full in zip(lowest.tolist(), highest.tolist(), complete.tolist())]
+
+
+def _tile_schedule(q_tiles, k_tiles, causal, sliding_window):
+    """For each query tile i, the key tiles j that may hold a visible key, in ascending order, each
+    with whether it needs the mask: [(i, [(j, needs_mask), ...]), ...].
+
+    Judged from min/max positions only, so it is safe for any k_pos (a ring buffer's positions are
+    unsorted) and exact for contiguous positions. A pair left out is wholly masked (visiting it
+    would add exactly 0 to every row). A pair wholly inside the visible region, the bulk of a
+    causal matrix, is visited without building a mask.
+    """
+    schedule = []
+    for i, q_tile in enumerate(q_tiles):
+        visits = []
+        for j, k_tile in enumerate(k_tiles):
+            if k_tile is None:
+                continue  # only empty cache slots
+            k_lo, k_hi, k_complete = k_tile
+            if not causal:
+                visits.append((j, not k_complete))
+                continue
+            if q_tile is None:
+                break  # every query of the tile sits before position 0: sees nothing
+            q_lo, q_hi, q_complete = q_tile
+            if k_lo > q_hi:
+                continue  # every key is in every query's future
+            if sliding_window is not None and q_lo - k_hi >= sliding_window:
+                continue  # every key has left every query's window
+            inside = (q_complete and k_complete and k_hi <= q_lo
+                      and (sliding_window is None or q_hi - k_lo < sliding_window))
+            visits.append((j, not inside))
+        schedule.append((i, visits))
+    return schedule
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,3 +370,10 @@ expert_matmul_op = torch.library.custom_op("gptoss::expert_matmul", expert_matmu
 @expert_matmul_op.register_fake
 def _(rows, w, ends, pack):
     return rows.new_empty(rows.shape[0], w.shape[-1])
+
+
+def expert_matmul_variant(rows, w, ends, pack: bool):
+    """Experts.expert_matmul's fast variant: inside a torch.compile graph the opaque operator,
+    else expert_matmul_fast (packed matrices when `pack` and the product allows it)."""
+    variant = expert_matmul_op if torch.compiler.is_compiling() else expert_matmul_fast
+    return variant(rows, w, ends, pack)

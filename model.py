@@ -1,60 +1,45 @@
 """GPT-OSS in one file: config, RMSNorm, YaRN RoPE, attention with sinks, MoE, HF checkpoints.
 
-Read top to bottom. The numbers come from ../shared/SPEC.md section 1; the design choices:
-
-- ModelConfig uses Hugging Face's field names, so config.json is read and written as is.
-- Parameter names mirror the HF checkpoint ("model." prefix aside), so loading and saving
-  is a name-for-name copy with every key and shape checked.
-- RMSNorm and the softmax statistics run in fp32 whatever the model dtype; logits are fp32.
-- RoPE is YaRN without rounding the ramp bounds (truncate=False); the cos/sin tables are
-  computed once in float64 and cached per device and dtype.
-- Attention sinks are one extra softmax column per head (no value vector). `attention` is
-  the one attention function used by training and by the KV-cached sampler; the mask is
-  derived from absolute query and key positions, so a cache may hold rows of different
-  lengths (or a ring buffer) without special cases. `naive_attention` is the reference,
-  `flash_attention` FlashAttention-2's algorithm in PyTorch with the sink in the online
-  softmax and in its own backward. "nosink" reproduces FlashAttention-2's bug.
-- MoE sorts the (token, expert) pairs by expert and runs every expert on its own rows in one
-  grouped product (`expert_matmul`, forward and backward): no expert weight is ever gathered
-  per token, and training and inference share the one path (the retrospective's OOM came from
-  a separate inference path that ran every expert). The k outputs of a token are summed in a
-  fixed order (no scatter-add).
-- The fast paths (kernels.py: one-tile attention, FlashAttention-4, packed experts, the
-  torch.compile operator) and the batch-invariant mode (invariant.py) live in their own files,
-  reached through `fast_path` only; a model's `Kernels` says which it uses. This file imports
-  no other file of the project at module level.
-- Checkpoints: HF layout, bf16-form experts ([in, out]) or MXFP4 blocks/scales ([out, in]),
-  single file or sharded, loaded tensor by tensor into a model built on the meta device.
+Read top to bottom; the numbers are SPEC.md section 1's. Design choices:
+- HF field and parameter names ("model." aside): config.json and checkpoints map name for name.
+- RMSNorm and softmax statistics in at least fp32; logits in fp32; float64 stays float64.
+- YaRN RoPE without rounding the ramp bounds (truncate=False), tables built once in float64.
+- Sinks are one extra softmax column per head. `attention` serves the trainer and the KV-cached
+  sampler alike; its mask comes from absolute positions, so a cache may hold rows of different
+  lengths or a ring buffer. `naive_attention` is the reference, `flash_attention`
+  FlashAttention-2's algorithm with the sink in the online softmax and in its own backward.
+- MoE sorts the (token, expert) pairs by expert and runs every expert on its rows in one grouped
+  product (`expert_matmul`): no expert weight is gathered per token, and training and inference
+  share the path (the retrospective's OOM came from an inference path that ran every expert).
+- Apart, imported on use: the fast paths (kernels.py) and the batch-invariant mode (invariant.py),
+  reached through `fast_path` as a model's `Kernels` says; argument checks (checks.py); the
+  checkpoint files' plumbing (hf_checkpoint.py).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
-
 # ----------------------------------------------------------------------------------------------
 # Configuration
 
 
-def _default_rope_parameters() -> dict:
-    return {
-        "rope_type": "yarn",
-        "rope_theta": 150000.0,
-        "factor": 32.0,
-        "beta_fast": 32.0,
-        "beta_slow": 1.0,
-        "original_max_position_embeddings": 4096,
-        "truncate": False,  # GPT-OSS does NOT round the YaRN ramp bounds (SPEC 1)
-    }
+YARN_ROPE = {  # GPT-OSS's rope_parameters (SPEC 1)
+    "rope_type": "yarn",
+    "rope_theta": 150000.0,
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "original_max_position_embeddings": 4096,
+    "truncate": False,  # GPT-OSS does NOT round the YaRN ramp bounds
+}
 
 
 @dataclass
@@ -70,7 +55,7 @@ class ModelConfig:
     num_experts_per_tok: int = 4
     sliding_window: int = 128
     layer_types: list[str] | None = None  # default: sliding on even layers, full on odd
-    rope_parameters: dict = field(default_factory=_default_rope_parameters)
+    rope_parameters: dict = field(default_factory=lambda: dict(YARN_ROPE))
     rms_norm_eps: float = 1e-5
     swiglu_limit: float = 7.0
     swiglu_alpha: float = 1.702
@@ -87,68 +72,21 @@ class ModelConfig:
                 "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(self.num_hidden_layers)
             ]
         self.layer_types = list(self.layer_types)
-        self.rope_parameters = {**_default_rope_parameters(), **self.rope_parameters}
+        self.rope_parameters = {**YARN_ROPE, **self.rope_parameters}
         self.validate()
 
     def validate(self):
-        """Raise ValueError naming the first field that is wrong."""
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "num_local_experts", "num_experts_per_tok"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"config: {name} must be a positive integer, got {value!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"config: num_attention_heads ({self.num_attention_heads}) must be divisible "
-                             f"by num_key_value_heads ({self.num_key_value_heads})")
-        if self.head_dim % 2:
-            raise ValueError(f"config: head_dim must be even for RoPE, got {self.head_dim}")
-        if self.num_experts_per_tok > self.num_local_experts:
-            raise ValueError(f"config: num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
-                             f"num_local_experts ({self.num_local_experts})")
-        if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(f"config: layer_types has {len(self.layer_types)} entries, "
-                             f"expected num_hidden_layers = {self.num_hidden_layers}")
-        bad = sorted(set(self.layer_types) - {"sliding_attention", "full_attention"})
-        if bad:
-            raise ValueError(f"config: unknown layer_types {bad}; use 'sliding_attention' or 'full_attention'")
-        if "sliding_attention" in self.layer_types and not (isinstance(self.sliding_window, int)
-                                                            and self.sliding_window > 0):
-            raise ValueError(f"config: sliding_window must be a positive integer, got {self.sliding_window!r}")
-        if self.tie_word_embeddings:
-            raise ValueError("config: tie_word_embeddings=True is not GPT-OSS (its embeddings are untied)")
-        if self.rope_parameters.get("rope_type") != "yarn":
-            raise ValueError(f"config: rope_type must be 'yarn', got {self.rope_parameters.get('rope_type')!r}")
-        low, high = yarn_bounds(self)
-        if not 0 < low < high < self.head_dim / 2 - 1:
-            raise ValueError(f"config: YaRN ramp bounds low={low:.4f}, high={high:.4f} must satisfy "
-                             f"0 < low < high < head_dim/2 - 1 = {self.head_dim / 2 - 1}")
+        """Raise ValueError naming the first field that is wrong (checks.py)."""
+        import checks  # argument checks live apart (not needed to read the model)
+
+        checks.config(self)
 
     @classmethod
     def from_json(cls, path: str) -> "ModelConfig":
         """Read an HF config.json: `rope_parameters`, or the legacy `rope_scaling` + `rope_theta`."""
-        try:
-            with open(path) as file:
-                raw = json.load(file)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read config {path}: {e}") from e
-        if not isinstance(raw, dict):
-            raise ValueError(f"config {path}: expected a JSON object, got {type(raw).__name__}")
-        if raw.get("model_type", "gpt_oss") != "gpt_oss":
-            raise ValueError(f"config {path}: model_type is {raw['model_type']!r}, expected 'gpt_oss'")
-        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-        rope = {"rope_theta": raw.get("rope_theta", 150000.0), **rope}
-        rope.setdefault("truncate", False)  # transformers defaults a missing key to True: GPT-OSS is False
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in raw.items() if k in known and k != "rope_parameters"}
-        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-        missing = [k for k in required if k not in raw]
-        if missing:
-            raise ValueError(f"config {path}: missing required field(s) {missing}")
-        try:
-            return cls(**kwargs, rope_parameters=rope)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"config {path}: {e}") from e
+        import hf_checkpoint  # the file plumbing (not needed to read the model)
+
+        return hf_checkpoint.read_config(path, cls)
 
     def to_hf_dict(self) -> dict:
         hf = asdict(self)
@@ -227,19 +165,6 @@ def yarn_inv_freq(cfg: ModelConfig, truncate: bool | None = None) -> tuple[torch
     return inv_freq, concentration
 
 
-def check_range(tensor: torch.Tensor, limit: int, what: str):
-    """ValueError when tensor holds a value outside [0, limit). Free on the CPU; on an accelerator an
-    asynchronous device-side assert, so a decode step never waits for the device to answer."""
-    if torch.compiler.is_compiling():  # a compiled graph cannot branch on data: the sampler's
-        return  # compiled decode step feeds back the tokens it sampled (checked prompts first)
-    message = f"{what} out of range [0, {limit})"
-    if tensor.device.type == "cpu":
-        if tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= limit):
-            raise ValueError(message)
-    elif tensor.numel():
-        torch._assert_async(((tensor >= 0) & (tensor < limit)).all(), message)
-
-
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for positions 0 .. max_position_embeddings - 1, built once in float64 and
     cached per (device, dtype): a step only indexes them (no growth check that waits on a device)."""
@@ -276,49 +201,12 @@ BLOCK_Q = 128  # query rows per tile
 BLOCK_K = 128  # keys per tile; tiles start at multiples of BLOCK_K in key index
 
 
-# --- Shared helpers: argument checks, default positions, the visibility rule
-
-
-def _accumulation_dtype(dtype):
-    # fp64 inputs keep fp64 (gradcheck needs it); everything else accumulates in fp32
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check_inputs(q, k, v, sinks, causal, sliding_window, q_pos, k_pos):
-    """Validate shapes and options; return (q_pos, k_pos) with the defaults filled in."""
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q and k must be (B, T, H, D); got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}; got {tuple(v.shape)}")
-    B, Tq, Hq, D = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
-    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise ValueError(f"q, k, v must share one float dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if sinks.shape != (Hq,):
-        raise ValueError(f"sinks must be (num_query_heads,) = ({Hq},); got {tuple(sinks.shape)}")
-    if sliding_window is not None:
-        if not causal:
-            raise ValueError("sliding_window requires causal=True")
-        if sliding_window < 1:
-            raise ValueError(f"sliding_window must be >= 1 (or None for full attention); got {sliding_window}")
-    # Default: the queries are the last Tq of the Tk keys (a prefix of Tk - Tq keys is cached)
-    if q_pos is None:
-        q_pos = torch.arange(Tk - Tq, Tk, device=q.device).expand(B, Tq)
-    if k_pos is None:
-        k_pos = torch.arange(Tk, device=q.device).expand(B, Tk)
-    checked = []
-    for name, pos, T in (("q_pos", q_pos, Tq), ("k_pos", k_pos, Tk)):
-        if pos.shape == (T,):
-            pos = pos.expand(B, T)  # one set of positions shared by every row
-        if pos.shape != (B, T) or pos.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{name} must be an integer tensor of shape ({B}, {T}) or ({T},); "
-                             f"got {pos.dtype} {tuple(pos.shape)}")
-        checked.append(pos.to(device=q.device, dtype=torch.int64))
-    return checked
+    """Validate shapes and options (checks.py); return (q_pos, k_pos) with the defaults filled in:
+    the queries are the last Tq of the Tk keys (a prefix of Tk - Tq keys is cached)."""
+    import checks  # argument checks live apart (not needed to read the model)
+
+    return checks.attention_inputs(q, k, v, sinks, causal, sliding_window, q_pos, k_pos)
 
 
 def _visible(q_pos, k_pos, causal, sliding_window):
@@ -346,7 +234,7 @@ def naive_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=N
     B, Tq, Hq, D = q.shape
     G = Hq // k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    acc = _accumulation_dtype(q.dtype)
+    acc = _at_least_fp32(q.dtype)
     qh = q.to(acc).transpose(1, 2)  # (B, Hq, Tq, D)
     kh = k.to(acc).transpose(1, 2).repeat_interleave(G, dim=1)  # (B, Hq, Tk, D): kv head h // G
     vh = v.to(acc).transpose(1, 2).repeat_interleave(G, dim=1)  # (B, Hq, Tk, D)
@@ -361,66 +249,13 @@ def naive_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=N
 # --- Pure-PyTorch flash attention
 
 
-def _tile_bounds(pos, block):
-    """(B, T) positions -> for each tile of `block` columns, (lowest, highest, complete) over the
-    batch: the extreme non-negative positions and whether no position is negative; None for a
-    tile holding only negative (empty) positions. One host sync for all tiles."""
-    B, T = pos.shape
-    if T == 0:
-        return []
-    n_tiles = -(-T // block)
-    padded = pos.new_full((B, n_tiles * block), -1)
-    padded[:, :T] = pos
-    padded = padded.view(B, n_tiles, block)  # (B, n_tiles, block)
-    valid = padded >= 0
-    valid[:, -1, block - (n_tiles * block - T):] = True  # the last tile's padding is not a slot
-    lowest = torch.where(padded >= 0, padded, torch.iinfo(torch.int64).max).amin(dim=(0, 2))
-    highest = padded.amax(dim=(0, 2))  # -1 when the tile has no valid position
-    complete = valid.all(dim=2).all(dim=0)
-    return [(lo, hi, full) if hi >= 0 else None
-            for lo, hi, full in zip(lowest.tolist(), highest.tolist(), complete.tolist())]
-
-
-def _tile_schedule(q_tiles, k_tiles, causal, sliding_window):
-    """For each query tile i, the key tiles j that may hold a visible key, in ascending order, each
-    with whether it needs the mask: [(i, [(j, needs_mask), ...]), ...].
-
-    Judged from min/max positions only, so it is safe for any k_pos (a ring buffer's positions are
-    unsorted) and exact for contiguous positions. A pair left out is wholly masked (visiting it
-    would add exactly 0 to every row). A pair wholly inside the visible region, the bulk of a
-    causal matrix, is visited without building a mask.
-    """
-    schedule = []
-    for i, q_tile in enumerate(q_tiles):
-        visits = []
-        for j, k_tile in enumerate(k_tiles):
-            if k_tile is None:
-                continue  # only empty cache slots
-            k_lo, k_hi, k_complete = k_tile
-            if not causal:
-                visits.append((j, not k_complete))
-                continue
-            if q_tile is None:
-                break  # every query of the tile sits before position 0: sees nothing
-            q_lo, q_hi, q_complete = q_tile
-            if k_lo > q_hi:
-                continue  # every key is in every query's future
-            if sliding_window is not None and q_lo - k_hi >= sliding_window:
-                continue  # every key has left every query's window
-            inside = (q_complete and k_complete and k_hi <= q_lo
-                      and (sliding_window is None or q_hi - k_lo < sliding_window))
-            visits.append((j, not inside))
-        schedule.append((i, visits))
-    return schedule
-
-
 def _tiled_layout(q, k, v, scale):
     """Cast to the accumulation dtype and stack each kv group's query heads: q -> (B, Hkv, G, Tq, D)
     already multiplied by the scale; k, v -> (B, Hkv, Tk, D) contiguous, so a key tile is a plain
     view that matmul reads without copying."""
     B, Tq, Hq, D = q.shape
     Hkv = k.shape[2]
-    acc = _accumulation_dtype(q.dtype)
+    acc = _at_least_fp32(q.dtype)
     qg = (q.to(acc) * scale).transpose(1, 2).reshape(B, Hkv, Hq // Hkv, Tq, D)  # head h = kv*G + g
     return qg, k.to(acc).transpose(1, 2).contiguous(), v.to(acc).transpose(1, 2).contiguous()
 
@@ -436,8 +271,9 @@ class FlashAttentionWithSinks(torch.autograd.Function):
         qg, kt, vt = _tiled_layout(q, k, v, scale)
         acc = qg.dtype
         sink = sinks.detach().to(acc).view(1, Hkv, G, 1, 1)  # per query head
-        schedule = _tile_schedule(_tile_bounds(q_pos, block_q), _tile_bounds(k_pos, block_k),
-                                  causal, sliding_window)
+        # Which key tiles each query tile visits, and which need the mask (kernels.py skips the
+        # tiles wholly masked; visiting them would add exactly 0 to every row)
+        schedule = fast_path("kernels").tile_schedule(q_pos, k_pos, block_q, block_k, causal, sliding_window)
         o = qg.new_empty(B, Hkv, G, Tq, D)
         lse = qg.new_empty(B, Hkv, G, Tq)
         for i, visits in schedule:
@@ -524,29 +360,12 @@ def flash_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=N
                                          scale, block_q, block_k)
 
 
-def nosink_attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=None, k_pos=None,
-                     scale=None):
-    """WRONG for GPT-OSS, on purpose: attention with the sinks dropped (a plain softmax over the
-    keys), which is what FlashAttention-2 computed in the trainer while the inference engine
-    honoured the sinks. Kept only to reproduce that training/inference mismatch in experiments.
-
-    Implemented as the flash kernel with every sink at the most negative finite logit, so the sink
-    gets no probability mass (exactly a plain softmax) and a row with no visible key still gives 0
-    instead of NaN. `sinks` is accepted for the common signature and gets no gradient.
-    """
-    no_mass = torch.finfo(torch.float32).min  # exp(no_mass - m) == 0 for any finite score m
-    return flash_attention(q, k, v, torch.full_like(sinks, no_mass, dtype=torch.float32),
-                           causal=causal, sliding_window=sliding_window, q_pos=q_pos, k_pos=k_pos,
-                           scale=scale)
-
-
 # --- Dispatch: the one door to the fast paths
 
 
 @dataclass
 class Kernels:
-    """Which kernels a model's products run on: one object shared by all the modules of a
-    Transformer (set through its set_* methods; a deepcopy keeps it, a fresh model starts plain)."""
+    """Which kernels a model runs on, shared by all its modules (set by Transformer.set_*)."""
 
     attention_backend: str | None = None  # None: attention() chooses
     batch_invariant: bool = False  # invariant.py: padded row counts, fixed attention tiles
@@ -554,36 +373,15 @@ class Kernels:
 
 
 def fast_path(name: str):
-    """The file of fast paths `name`: "kernels" (kernels.py: one-tile dense attention,
-    FlashAttention-4, packed experts, the torch.compile operator) or "invariant" (invariant.py:
-    the batch-invariant mode). Imported on first use, so this file reads and runs the reference
-    without them; an import statement rather than importlib, since torch.compile traces it."""
+    """kernels.py (name "kernels") or invariant.py ("invariant"), imported on first use; an import
+    statement rather than importlib, since torch.compile traces it."""
     import invariant
     import kernels
     return kernels if name == "kernels" else invariant
 
 
 ATTENTION_BACKEND_VARIABLE = "GPTOSS_ATTENTION"  # the environment variable that forces a backend
-# backend -> (its function here, or the file holding <backend>_attention; the line logged first time)
-_BACKENDS = {
-    "flash": (flash_attention, "pure-PyTorch flash attention with sinks"),
-    "dense": ("kernels", "one tile with sinks, for small score matrices"),
-    "naive": (naive_attention, "reference; materialises the (Tq, Tk) scores"),
-    "fa4": ("kernels", "FlashAttention-4 kernel with learnable sinks"),
-    "nosink": (nosink_attention, "WRONG for GPT-OSS: sinks dropped as FlashAttention-2 did (for "
-                                 "mismatch experiments only)"),
-    "invariant": ("invariant", "flash with tiles fixed in absolute key positions: batch-invariant mode"),
-}
-BACKENDS = tuple(_BACKENDS)
-_backends_logged = set()
-
-
-def _log_backend_once(backend, why):
-    if backend in _backends_logged:
-        return
-    _backends_logged.add(backend)
-    log = logger.warning if backend == "nosink" else logger.info
-    log("attention backend: %s (%s) [%s]", backend, _BACKENDS[backend][1], why)
+BACKENDS = ("flash", "dense", "naive", "fa4", "nosink", "invariant")  # kernels.py: what each is
 
 
 def attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=None, k_pos=None,
@@ -595,30 +393,17 @@ def attention(q, k, v, sinks, *, causal=True, sliding_window=None, q_pos=None, k
     arange(Tk - Tq, Tk), k_pos (B, Tk) to arange(Tk); scale defaults to 1/sqrt(D).
 
     backend: one of BACKENDS ("nosink" is WRONG: it drops the sinks). The argument wins over the
-    GPTOSS_ATTENTION environment variable; with neither, kernels.default_backend chooses: FA4
-    when the call can use it, else "dense" for small calls, else the pure-PyTorch flash attention.
+    GPTOSS_ATTENTION environment variable; with neither, kernels.attention_backend chooses: FA4
+    when the call can use it, else "dense" for small calls, else flash_attention.
     """
     _check_inputs(q, k, v, sinks, causal, sliding_window, q_pos, k_pos)  # clear errors first
-    if backend is not None:
-        why = "backend argument"
-    elif os.environ.get(ATTENTION_BACKEND_VARIABLE, "").strip():
-        backend = os.environ[ATTENTION_BACKEND_VARIABLE].strip().lower()
-        why = f"{ATTENTION_BACKEND_VARIABLE} environment variable"
-    else:
-        backend, why = fast_path("kernels").default_backend(q, k, sliding_window, q_pos, k_pos)
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r} ({why}); choose one of {BACKENDS}")
-    _log_backend_once(backend, why)
-    function = _BACKENDS[backend][0]
-    if isinstance(function, str):  # a fast path: <backend>_attention in kernels.py or invariant.py
-        function = getattr(fast_path(function), backend + "_attention")
+    function = fast_path("kernels").attention_backend(q, k, sliding_window, q_pos, k_pos, backend)
     return function(q, k, v, sinks, causal=causal, sliding_window=sliding_window,
                     q_pos=q_pos, k_pos=k_pos, scale=scale)
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict names) whose product has a multiple of 8 rows in
-    the batch-invariant mode (invariant.linear)."""
+    """nn.Linear, with a multiple of 8 rows per product in the batch-invariant mode (invariant.py)."""
 
     def __init__(self, n_in: int, n_out: int, bias: bool, kernels: Kernels):
         super().__init__(n_in, n_out, bias=bias)
@@ -663,15 +448,6 @@ class Attention(nn.Module):
 # Mixture of experts
 
 
-def _grouped_mm_ok(rows, w) -> bool:
-    """Whether F.grouped_mm has a kernel for these operands: fp32/bf16/fp16 (not float64) and
-    16-byte-aligned pointers and row strides (what its CPU and CUDA kernels require)."""
-    if rows.dtype not in (torch.float32, torch.bfloat16, torch.float16) or w.dtype != rows.dtype:
-        return False
-    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-               and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in (rows, w))
-
-
 def expert_matmul(rows, w, ends):
     """Each expert's rows times its matrix: rows (S, K) grouped by expert (expert e owns rows
     ends[e-1]:ends[e]), w (E, K, N) -> (S, N). No weight is gathered per row.
@@ -683,7 +459,7 @@ def expert_matmul(rows, w, ends):
     if torch.is_autocast_enabled(device) and rows.is_floating_point():
         dtype = torch.get_autocast_dtype(device)
         rows, w = rows.to(dtype), w.to(dtype)
-    if _grouped_mm_ok(rows, w):
+    if fast_path("kernels").grouped_mm_supported(rows, w):  # dtype and alignment
         return F.grouped_mm(rows, w, offs=ends.to(torch.int32))
     return expert_matmul_loop(rows, w, ends)
 
@@ -731,9 +507,7 @@ class Experts(nn.Module):
         kernels = self.kernels
         if kernels.batch_invariant or not (kernels.packed_experts or torch.compiler.is_compiling()):
             return expert_matmul(rows, w, ends)
-        fast = fast_path("kernels")
-        variant = fast.expert_matmul_op if torch.compiler.is_compiling() else fast.expert_matmul_fast
-        return variant(rows, w, ends, kernels.packed_experts)
+        return fast_path("kernels").expert_matmul_variant(rows, w, ends, kernels.packed_experts)
 
     def grouped_mlp(self, rows, expert, ends):
         """Every expert's MLP on its own rows: rows (S, H) grouped by expert, expert (S,) the
@@ -760,14 +534,6 @@ class Experts(nn.Module):
         y = y * weights.reshape(-1)[order, None].to(y.dtype)  # (N*k, H)
         y = torch.empty_like(y).index_copy(0, order, y)  # back to (token, slot) order
         return y.view(N, k, -1).sum(dim=1).to(x.dtype)
-
-    def reference(self, x, expert_idx, weights):
-        """forward() as a plain loop over the experts (each on its tokens, weighted and added)."""
-        out = torch.zeros_like(x)
-        for e in range(self.gate_up_proj.shape[0]):
-            token, slot = torch.nonzero(expert_idx == e, as_tuple=True)
-            out = out.index_add(0, token, weights[token, slot, None] * self.mlp(e, x[token]))
-        return out
 
 
 class MoE(nn.Module):
@@ -833,19 +599,16 @@ class Transformer(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=gen) * s)
 
     def set_attention_backend(self, backend: str | None):
-        """Force an attention backend for this model only (one of BACKENDS; None: automatic). Lets a
-        trainer run "nosink" beside a sampler copy that keeps the sinks."""
+        """Force an attention backend (one of BACKENDS; None: automatic) for this model only: a
+        trainer may run "nosink" beside a sampler copy that keeps the sinks."""
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
         self.kernels.attention_backend = backend
 
     def set_batch_invariant(self, on: bool = True):
-        """The batch-invariant mode: a token's log-prob gets the same bits whatever else is computed
-        with it (rows in the batch, cached positions, prefill or decode), so a sampler and a trainer
-        running this model agree bit for bit (invariant.py): every matrix product has a multiple of
-        8 rows and attention runs the "invariant" backend (key tiles in absolute positions). Off:
-        the default kernels and backend choice. A caching sampler must keep keys at their
-        positions (full caches; sampler.py does when the model's flag is on)."""
+        """The batch-invariant mode (invariant.py): a token's log-prob gets the same bits whatever is
+        computed with it, so sampler and trainer agree bit for bit. A caching sampler must keep
+        keys at their positions (full caches, as sampler.py does then)."""
         self.kernels.batch_invariant = on
         self.set_attention_backend("invariant" if on else None)
 
@@ -854,26 +617,27 @@ class Transformer(nn.Module):
         return self.kernels.batch_invariant
 
     def set_packed_experts(self, on: bool = True):
-        """On: no-grad fp32 forwards on the CPU multiply by oneDNN-packed copies of the expert
-        matrices (faster decoding with several rows per expert; up to twice the experts' memory;
-        see kernels.expert_matmul_packed). Either way, the packed copies made so far are dropped."""
+        """No-grad fp32 CPU forwards on oneDNN-packed expert matrices (kernels.expert_matmul_packed:
+        faster decoding, up to twice the experts' memory). The copies made so far are dropped."""
         self.kernels.packed_experts = on
         fast_path("kernels").drop_packed(self)
 
     def hidden(self, input_ids, positions=None, cache=None):
-        """input_ids (B, T) -> the final-normed hidden states (B, T, H), before the unembedding.
+        """input_ids (B, T) -> the final-normed hidden states (B, T, H), before the unembedding
+        (callers that need only some positions' logits apply lm_head to those alone).
 
-        positions (B, T): absolute position of each token, below max_position_embeddings (default
-        0..T-1 in every row; -1 marks a padding slot that sees nothing and is seen by nothing).
-        cache: the sampler's KV cache; its update(layer_idx, k, v, positions) stores the new keys
-        and returns (k, v, k_pos) for every key the rows can attend to (k_pos < 0: empty slot).
-        Callers that need only some positions' logits apply lm_head to those alone.
+        positions (B, T): each token's absolute position (default 0..T-1; -1: a padding slot that
+        sees nothing and is seen by nothing). cache: the sampler's KV cache; its
+        update(layer_idx, k, v, positions) stores the new keys and returns (k, v, k_pos) for every
+        key the rows can attend to (k_pos < 0: an empty slot).
         """
+        import checks  # argument checks live apart (not needed to read the model)
+
         B, T = input_ids.shape
-        check_range(input_ids, self.config.vocab_size, "token id")
+        checks.in_range(input_ids, self.config.vocab_size, "token id")
         x = self.embed_tokens(input_ids)  # (B, T, H)
         rope_pos = positions.clamp(min=0) if positions is not None else torch.arange(T, device=x.device).expand(B, T)
-        check_range(rope_pos, self.config.max_position_embeddings, "position (max_position_embeddings)")
+        checks.in_range(rope_pos, self.config.max_position_embeddings, "position (max_position_embeddings)")
         cos, sin = self.rope(rope_pos, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, positions, cache)
@@ -900,146 +664,26 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device="cpu") -> "Transformer":
         """Load an HF-format directory: config.json + *.safetensors (sharded or not), experts in
         bf16 form or MXFP4. Every expected tensor must be present with its shape; nothing extra."""
+        import hf_checkpoint  # the file plumbing (not needed to read the model)
+
         cfg = ModelConfig.from_json(os.path.join(path, "config.json"))
         with torch.device("meta"):  # no memory until each tensor is copied in
             model = cls(cfg)
         model = model.to(dtype).to_empty(device=device)
-        with _CheckpointReader(path) as ckpt:
-            params = model.hf_state_names()
-            ckpt.check_names(params)
-            for name, p in params.items():
-                with torch.no_grad():
-                    p.copy_(ckpt.load(name, tuple(p.shape), p.dtype))
+        with hf_checkpoint.CheckpointReader(path) as ckpt:
+            ckpt.copy_into(model.hf_state_names())  # every name and shape checked
         return model
 
     def save_pretrained(self, path: str, max_shard_bytes: int = 4 << 30):
         """Write config.json and safetensors (experts in bf16 form, [in, out]) in the HF layout."""
-        from safetensors.torch import save_file
+        import hf_checkpoint  # the file plumbing (not needed to read the model)
 
         os.makedirs(path, exist_ok=True)
         dtype = next(self.parameters()).dtype
         with open(os.path.join(path, "config.json"), "w") as file:
             json.dump({**self.config.to_hf_dict(), "dtype": str(dtype).removeprefix("torch.")}, file, indent=2)
         tensors = {name: param.detach().contiguous().cpu() for name, param in self.hf_state_names().items()}
-        shards, size = [{}], 0
-        for name, tensor in tensors.items():
-            if size and size + tensor.nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = tensor
-            size += tensor.nbytes
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-            return
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
-            weight_map.update({n: fname for n in shard})
-        total = sum(tensor.nbytes for tensor in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as file:
-            json.dump(index, file, indent=2)
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading checkpoints (bf16 form and MXFP4)
-
-FP4_VALUES = [+0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
-MXFP4_EXPERT_TENSORS = ("gate_up_proj", "down_proj")
-
-
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
-    """MXFP4 -> dense. blocks (..., G, 16) uint8, scales (..., G) uint8 -> (..., G * 32).
-
-    Each byte holds two e2m1 codes, low nibble first; each block of 32 values shares one
-    power-of-two scale 2^(scale - 127). Exact: every result is representable in bf16.
-    """
-    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
-    low, high = lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]  # (..., G, 16) each
-    values = torch.stack((low, high), dim=-1).flatten(-2)  # (..., G, 32): element 2i low, 2i+1 high
-    values = torch.ldexp(values, (scales.to(torch.int32) - 127).unsqueeze(-1).to(dtype))
-    return values.flatten(-2)
-
-
-class _CheckpointReader:
-    """Tensor-by-tensor access to the safetensors files of an HF directory."""
-
-    def __init__(self, path: str):
-        from safetensors import safe_open
-
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as file:
-                weight_map = json.load(file)["weight_map"]
-        else:  # model.safetensors, or every *.safetensors when it is not there
-            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-            files = ["model.safetensors"] if "model.safetensors" in files else files
-            if not files:
-                raise FileNotFoundError(f"no *.safetensors files in {path}")
-            weight_map = {}
-            for fname in files:
-                with safe_open(os.path.join(path, fname), framework="pt") as file:
-                    weight_map.update({k: fname for k in file.keys()})
-        self.path, self.weight_map = path, weight_map
-        self.files = {fname: safe_open(os.path.join(path, fname), framework="pt")
-                      for fname in sorted(set(weight_map.values()))}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.files.clear()
-
-    def _mxfp4_name(self, name: str) -> str | None:
-        """'...experts.gate_up_proj' -> its MXFP4 base name when the checkpoint stores blocks."""
-        if name.endswith(MXFP4_EXPERT_TENSORS) and name + "_blocks" in self.weight_map:
-            return name
-        return None
-
-    def check_names(self, params: dict):
-        expected = set()
-        for name in params:
-            if self._mxfp4_name(name):
-                expected |= {name + "_blocks", name + "_scales"}
-            else:
-                expected.add(name)
-        missing = sorted(expected - set(self.weight_map))
-        unexpected = sorted(set(self.weight_map) - expected)
-        if missing:
-            shapes = {n: tuple(params[n].shape) for n in missing if n in params}
-            raise ValueError(f"checkpoint {self.path} is missing {len(missing)} tensor(s): "
-                             + ", ".join(f"{n} (expected shape {shapes.get(n, '?')})" for n in missing[:8]))
-        if unexpected:
-            raise ValueError(f"checkpoint {self.path} has {len(unexpected)} unexpected tensor(s): "
-                             + ", ".join(unexpected[:8]))
-
-    def _get(self, name: str) -> torch.Tensor:
-        return self.files[self.weight_map[name]].get_tensor(name)
-
-    def load(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        """The tensor `name` as `dtype`, checked against the expected (bf16-form) shape."""
-        if self._mxfp4_name(name):
-            return self._load_mxfp4(name, shape, dtype)
-        tensor = self._get(name)
-        if not tensor.is_floating_point():
-            raise ValueError(f"tensor {name} has dtype {tensor.dtype}, expected a floating-point dtype")
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {shape}")
-        return tensor.to(dtype)
-
-    def _load_mxfp4(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        E, n_in, n_out = shape  # the bf16 form is [in, out]; MXFP4 stores [out, in]
-        blocks, scales = self._get(name + "_blocks"), self._get(name + "_scales")
-        for tensor, suffix in ((blocks, "_blocks"), (scales, "_scales")):
-            if tensor.dtype != torch.uint8:
-                raise ValueError(f"tensor {name}{suffix} has dtype {tensor.dtype}, expected torch.uint8")
-        want_blocks, want_scales = (E, n_out, n_in // 32, 16), (E, n_out, n_in // 32)
-        if tuple(blocks.shape) != want_blocks or tuple(scales.shape) != want_scales:
-            raise ValueError(f"tensor {name}_blocks/_scales have shapes {tuple(blocks.shape)}/"
-                             f"{tuple(scales.shape)}, expected {want_blocks}/{want_scales}")
-        # One expert at a time keeps the temporaries small for 20B/120B checkpoints.
-        return torch.stack([dequantize_mxfp4(blocks[e], scales[e], dtype).T for e in range(E)])
+        hf_checkpoint.write_safetensors(tensors, path, max_shard_bytes)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

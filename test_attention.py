@@ -181,7 +181,7 @@ def test_tile_schedule_exact_for_contiguous_and_safe_for_ring_buffer():
     # every key of it is visible
     T, W, block = 100, 20, 16
     pos = torch.arange(T)[None]
-    schedule = model._tile_schedule(model._tile_bounds(pos, block), model._tile_bounds(pos, block), True, W)
+    schedule = kernels._tile_schedule(kernels._tile_bounds(pos, block), kernels._tile_bounds(pos, block), True, W)
     full = model._visible(pos, pos, True, W)[0]
     n_masked = 0
     for i, visits in schedule:
@@ -195,7 +195,7 @@ def test_tile_schedule_exact_for_contiguous_and_safe_for_ring_buffer():
     assert n_masked < sum(len(v) for _, v in schedule)  # some tiles really skip the mask
     # Ring buffer (unsorted positions): exactly the tiles holding a visible key are visited
     q_pos, k_pos = torch.tensor([[40]]), ring_buffer_positions([41], 32)  # slots hold 32..40, 9..31
-    schedule = model._tile_schedule(model._tile_bounds(q_pos, 4), model._tile_bounds(k_pos, 4), True, 16)
+    schedule = kernels._tile_schedule(kernels._tile_bounds(q_pos, 4), kernels._tile_bounds(k_pos, 4), True, 16)
     visible = model._visible(q_pos, k_pos, True, 16)
     needed = [j for j in range(8) if visible[:, :, 4 * j:4 * j + 4].any()]
     assert [j for j, _ in schedule[0][1]] == needed == [0, 1, 2, 6, 7]  # window 25..40 wraps around
@@ -204,9 +204,9 @@ def test_tile_schedule_exact_for_contiguous_and_safe_for_ring_buffer():
 
 def test_dispatch_env_argument_errors_and_logging(monkeypatch, caplog):
     q, k, v, sinks = [t.detach() for t in make_inputs(B=1, Tq=5, Hq=2, Hkv=1, D=4)]
-    monkeypatch.setattr(model, "_backends_logged", set())
+    monkeypatch.setattr(kernels, "_backends_logged", set())
     monkeypatch.delenv(model.ATTENTION_BACKEND_VARIABLE, raising=False)
-    with caplog.at_level(logging.INFO, logger=model.__name__):
+    with caplog.at_level(logging.INFO, logger=kernels.__name__):
         attention(q, k, v, sinks)  # CPU, 5 queries, 50 score elements: the one-tile dense path
         assert torch.equal(attention(q, k, v, sinks), kernels.dense_attention(q, k, v, sinks))
         monkeypatch.setattr(kernels, "DENSE_MAX_SCORES", 49)  # one element too many: the tiled flash kernel
@@ -222,7 +222,7 @@ def test_dispatch_env_argument_errors_and_logging(monkeypatch, caplog):
                            kernels.dense_attention(q, k, v, sinks, sliding_window=3))
         attention(q, k, v, sinks)
         monkeypatch.setenv(model.ATTENTION_BACKEND_VARIABLE, "nosink")
-        assert torch.equal(attention(q, k, v, sinks), model.nosink_attention(q, k, v, sinks))
+        assert torch.equal(attention(q, k, v, sinks), kernels.nosink_attention(q, k, v, sinks))
         assert torch.equal(attention(q, k, v, sinks, backend="naive"), naive_attention(q, k, v, sinks))
     messages = [r.getMessage() for r in caplog.records]
     assert sum("backend: flash" in m for m in messages) == 1  # logged once
