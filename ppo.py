@@ -10,6 +10,8 @@ Three policies take part (SPEC.md section 4):
     PPO ratio            r_t = pi_theta / pi_old                  (trust region; has gradient)
     rollout correction   w_t = f(pi_old / pi_rollout)             (importance weight; no gradient)
     L = - agg_t( w_t * min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t) )   (+ dual clip)
+The objective inside agg is PPO's (above) by default; GSPO (one ratio per sequence) and CISPO (a
+clipped, gradient-free weight on REINFORCE) are in OBJECTIVES, under the same w, agg, KL and entropy.
 
 Design choices
 - Shapes: per-token tensors are (B, T); one row is one sequence (a trajectory's tokens). The mask
@@ -23,7 +25,7 @@ Design choices
 - Never use pi_rollout as the PPO denominator ("PPO-IS", r = pi_theta / pi_rollout): the
   sampler/trainer mismatch then looks like a policy change, the clip fires on it constantly and
   training degrades. The mismatch belongs in the separate, gradient-free weight w (decoupled PPO).
-- Every log-ratio (token or summed over a sequence) is clamped to [-20, 20] before exp.
+- Every log-ratio (token, summed or averaged over a sequence) is clamped to [-20, 20] before exp.
 - Masking vs rejection: an IcePop-masked token gets weight 0 but stays in the loss's
   denominator; a rejected sequence (MIS / rejection sampling) leaves the loss AND every
   denominator, as if it had never been sampled.
@@ -501,6 +503,58 @@ def rollout_mismatch_metrics(old_logp: torch.Tensor, rollout_logp: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------
+# Objectives: (logp, old_logp, A (B, T), keep, cfg) -> (obj to MAXIMISE, clipped, dual_clipped), (B, T)
+# each. On-policy (old_logp None) every ratio is exactly 1, and all three give the policy gradient A_t.
+
+
+def ppo_objective(logp, old_logp, adv, keep, cfg: "PPOConfig"):
+    """PPO: obj_t = clipped_surrogate(r_t, A_t), r_t = ppo_ratio(logp, old_logp): a clip per token."""
+    ratio = ppo_ratio(logp, old_logp, keep)
+    return clipped_surrogate(ratio, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
+
+
+def gspo_objective(logp, old_logp, adv, keep, cfg: "PPOConfig"):
+    """GSPO (Qwen3, arXiv 2507.18071): one length-normalised ratio per sequence i, in "GSPO-token" form.
+
+    s_i   = exp(clamp(mean_{t in keep_i}(logp_t - old_logp_t), -20, 20))     (no gradient)
+    s_it  = s_i * exp(logp_t - sg[logp_t])          value s_i, d s_it / d logp_t = s_i
+    obj_t = min(s_it A_t, clip(s_it, 1 - eps_low, 1 + eps_high) A_t)          (+ dual clip on s_it)
+    d obj_t / d logp_t = s_i A_t where unclipped, 0 where clipped.
+    Why the token form: with one advantage per sequence and agg "seq-mean-token-mean" it is the
+    paper's sequence objective min(s_i A_i, clip(s_i) A_i) in value and gradient (s_i A_i times the
+    gradient of mean_t logp_t); and being per token it takes per-token A_t and w_t and every loss_agg
+    as PPO does (the plain form would spread w_t and A_t over the whole sequence's gradient).
+    The paper's clip range is eps_low = 3e-4, eps_high = 4e-4 (a ratio of a mean log-ratio stays
+    near 1); set them in PPOConfig, which the defaults 0.2 do not match. The clip is one decision
+    per sequence (per token only if A_t varies); pg_clipfrac counts tokens, as the paper's figure.
+    """
+    lp = _clean(logp, keep)
+    old = lp.detach() if old_logp is None else _clean(old_logp, keep).detach()
+    log_s = _seq_mean(lp.detach() - old, keep).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B,)
+    ratio = torch.exp(log_s)[:, None] * torch.exp(lp - lp.detach())  # (B, T): exactly s_i, gradient s_i
+    return clipped_surrogate(ratio, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
+
+
+def cispo_objective(logp, old_logp, adv, keep, cfg: "PPOConfig"):
+    """CISPO (MiniMax-M1, arXiv 2506.13585): clip the importance weight, not the update.
+
+    obj_t = sg[clip(r_t, 1 - eps_low, 1 + eps_high)] * A_t * logp_t,   r_t = ppo_ratio(logp, old_logp)
+    d obj_t / d logp_t = clip(r_t) A_t: never 0, every token keeps a gradient (PPO drops clipped ones).
+    clipped = r_t outside [1 - eps_low, 1 + eps_high], whatever the sign of A_t (the weight is bounded).
+    No dual clip (the weight already is bounded): dual_clipped is all False. MiniMax-M1 sets no lower
+    bound in practice (a large eps_low; only eps_high is tuned): eps_low >= 1 does that here.
+    The value is REINFORCE's (A_t logp_t on-policy), not a surrogate's: only its gradient counts.
+    """
+    ratio = ppo_ratio(logp, old_logp, keep).detach()
+    low, high = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
+    clipped = (ratio < low) | (ratio > high)
+    return ratio.clamp(low, high) * adv * _clean(logp, keep), clipped, torch.zeros_like(clipped)
+
+
+OBJECTIVES = {"ppo": ppo_objective, "gspo": gspo_objective, "cispo": cispo_objective}
+
+
+# ----------------------------------------------------------------------------------------------
 # The policy loss train.py calls
 
 
@@ -508,7 +562,9 @@ def rollout_mismatch_metrics(old_logp: torch.Tensor, rollout_logp: torch.Tensor,
 class PPOConfig:
     """Policy-loss settings.
 
-    eps_low, eps_high  clip range [1 - eps_low, 1 + eps_high] of r (eps_high > eps_low = "clip higher").
+    objective          a name in OBJECTIVES: "ppo", "gspo" or "cispo" (formulas in their functions).
+    eps_low, eps_high  clip range [1 - eps_low, 1 + eps_high] of r (eps_high > eps_low = "clip higher");
+                       of s_i for gspo (paper: 3e-4, 4e-4), of the weight for cispo (eps_low >= 1: none).
     dual_clip          c > 1 for the dual clip on A < 0 tokens; None disables it.
     loss_agg           one of AGG_MODES (see `aggregate`).
     norm_length        the constant of "seq-mean-token-sum-norm" (e.g. max response length).
@@ -526,14 +582,18 @@ class PPOConfig:
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     correction: "str | RolloutCorrection" = field(default="off")
+    objective: str = "ppo"
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {tuple(OBJECTIVES)}")
         if self.loss_agg not in AGG_MODES:
             raise ValueError(f"unknown loss_agg {self.loss_agg!r}; choose one of {AGG_MODES}")
         if self.loss_agg == "seq-mean-token-sum-norm" and (self.norm_length is None or self.norm_length <= 0):
             raise ValueError("loss_agg 'seq-mean-token-sum-norm' needs norm_length > 0 (e.g. max response length)")
-        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
-            raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
+        if not (0 <= self.eps_low and (self.eps_low < 1 or self.objective == "cispo") and self.eps_high >= 0):
+            raise ValueError(f"need 0 <= eps_low < 1 (any eps_low >= 0 for cispo) and eps_high >= 0, "
+                             f"got {self.eps_low}, {self.eps_high}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 or None, got {self.dual_clip}")
         if self.kl_estimator not in KL_ESTIMATORS:
@@ -555,11 +615,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
     rollout_logp (B, T)  log pi_rollout from the sampler; needed unless cfg.correction is "off".
 
     keep = mask AND (sequence accepted by the rejection rule);  w = correction weights (no grad)
-    pg_loss = - agg_keep( w * obj ),  obj = clipped_surrogate(r, A)   (PPO clip + dual clip)
+    pg_loss = - agg_keep( w * obj ),  obj = OBJECTIVES[cfg.objective]: PPO's clipped_surrogate(r, A)
+              (PPO clip + dual clip) by default, or gspo_objective / cispo_objective
     loss    = pg_loss + kl_coef * agg_keep(kl(logp, ref_logp)) - entropy_coef * agg_keep(entropy)
 
     metrics (floats), over the kept tokens:
-      loss, pg_loss; pg_clipfrac (fraction of tokens where the PPO clip is active);
+      loss, pg_loss; pg_clipfrac (fraction of tokens where the objective's clip is active);
       pg_clipfrac_lower (fraction where the dual clip is active); ppo_kl = mean(old - logp);
       entropy (if given); kl_ref (if ref_logp given); rollout_corr/rollout_is_* and
       rollout_corr/rollout_rs_* (if rollout_logp given; see `rollout_correction`).
@@ -577,9 +638,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
     elif not corr.off:
         raise ValueError(f"rollout correction {cfg.correction!r} needs rollout_logp (the sampler's log-probs)")
 
-    ratio = ppo_ratio(logp, old_logp, keep)
     adv = _clean(adv, keep)
-    obj, clipped, dual_clipped = clipped_surrogate(ratio, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
+    obj, clipped, dual_clipped = OBJECTIVES[cfg.objective](logp, old_logp, adv, keep, cfg)
     if weights is not None:
         obj = weights * obj
     pg_loss = -aggregate(obj, keep, cfg.loss_agg, cfg.norm_length)

@@ -449,3 +449,172 @@ def test_correction_weight_metrics_hand_example():
     assert m[p + "std"] == approx(math.sqrt((1.5625 + 1 + 2.56) / 3 - mean**2))
     assert m[p + "min"] == approx(1.0) and m[p + "max"] == approx(1.6)
     assert m[p + "eff_sample_size"] == approx(3.85**2 / (3 * (1.5625 + 1 + 2.56)))  # 0.9645
+
+
+# ---------------------------------------------------------------------------------------------
+# Objectives: GSPO and CISPO against their closed forms (autograd vs the formula, fp64)
+
+
+def _objective_inputs(seed=0):
+    """4 sequences of lengths 5, 3, 1, 4 (NaN in the padding); old = logp - a per-row shift + noise,
+    so that the mean log-ratios are about [0.3, -0.3, 0.02, 0.0]."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([5, 3, 1, 4])
+    mask = torch.arange(5)[None, :] < lengths[:, None]
+    logp = -3 * torch.rand(4, 5, generator=g, dtype=D)
+    shift = t([0.3, -0.3, 0.02, 0.0])[:, None] + 0.05 * torch.randn(4, 5, generator=g, dtype=D)
+    old = torch.where(mask, logp - shift, NAN)
+    logp = torch.where(mask, logp, NAN).requires_grad_()
+    return logp, old, mask, lengths
+
+
+def _grad(loss, logp):
+    (grad,) = torch.autograd.grad(loss, logp)
+    return grad
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_gspo_gradient_equals_the_sequence_formula(agg):
+    logp, old, mask, n = _objective_inputs()
+    adv = t([1.0, -1.0, 2.0, -0.5])
+    eps_low, eps_high = 0.1, 0.2
+    cfg = ppo.PPOConfig(objective="gspo", eps_low=eps_low, eps_high=eps_high, dual_clip=None, loss_agg=agg)
+    loss, metrics = ppo.policy_loss(logp, old, adv, mask, cfg)
+    # the closed form, sequence by sequence
+    diff = [[(logp[b, i] - old[b, i]).item() for i in range(n[b])] for b in range(4)]
+    s = [math.exp(sum(d) / len(d)) for d in diff]
+    obj = [min(s_i * a, min(max(s_i, 1 - eps_low), 1 + eps_high) * a) for s_i, a in zip(s, adv.tolist())]
+    clipped = [(a > 0 and s_i > 1 + eps_high) or (a < 0 and s_i < 1 - eps_low) for s_i, a in zip(s, adv.tolist())]
+    assert clipped == [True, True, False, False]  # s ~ [1.35, 0.74, 1.02, 1.0]: two clipped, two not
+    weight = [n_b / n.sum().item() for n_b in n.tolist()] if agg == "token-mean" else [0.25] * 4
+    assert loss.item() == approx(-sum(w * o for w, o in zip(weight, obj)))
+    # d loss / d logp_t = - weight_b * s_b * A_b / |y_b| where unclipped (s_b times d mean_t logp_t)
+    expected = torch.zeros(4, 5, dtype=D)
+    for b in range(4):
+        if not clipped[b]:
+            expected[b, : n[b]] = -weight[b] * s[b] * adv[b].item() / n[b].item()
+    grad = _grad(loss, logp)
+    assert grad.flatten().tolist() == approx(expected.flatten().tolist())
+    # the same as autograd through the plain sequence form min(s_i A_i, clip(s_i) A_i)
+    log_s = torch.where(mask, logp - old, 0.0).sum(-1) / n
+    s_plain = torch.exp(log_s)
+    plain = torch.minimum(s_plain * adv, s_plain.clamp(1 - eps_low, 1 + eps_high) * adv)
+    per_tok = plain[:, None].expand(4, 5)
+    assert torch.allclose(_grad(-ppo.aggregate(per_tok, mask, agg), logp), grad, rtol=1e-12, atol=1e-15)
+    # pg_clipfrac counts tokens: the clipped sequences' tokens over all tokens
+    assert metrics["pg_clipfrac"] == approx((5 + 3) / 13) and metrics["pg_clipfrac_lower"] == 0.0
+    assert metrics["ppo_kl"] == approx(-sum(sum(d) for d in diff) / 13)
+
+
+def test_gspo_per_token_advantages_and_dual_clip():
+    # GSPO-token: A_t per token, the clip decision per token from the sequence's s_i; the dual clip
+    # caps A < 0 tokens at c A when s_i > c. One row, mean log-ratio log 4: s = 4 > c = 3.
+    logp = t([[-1.0, -2.0]]).requires_grad_()
+    old = logp.detach() - L(4)
+    cfg = ppo.PPOConfig(objective="gspo", eps_low=0.2, eps_high=0.2, dual_clip=3.0)
+    loss, m = ppo.policy_loss(logp, old, t([[1.0, -1.0]]), torch.ones(1, 2, dtype=torch.bool), cfg)
+    assert loss.item() == approx(-(1.2 * 1.0 + 3.0 * -1.0) / 2)  # clipped to 1.2 A and dual-clipped to 3 A
+    assert m["pg_clipfrac"] == approx(0.5) and m["pg_clipfrac_lower"] == approx(0.5)
+    assert _grad(loss, logp).tolist() == [[0.0, 0.0]]
+
+
+@pytest.mark.parametrize("eps_low", [0.1, 10.0])  # 10: no lower bound, as MiniMax-M1 runs it
+def test_cispo_gradient_equals_the_formula(eps_low):
+    logp, old, mask, n = _objective_inputs(1)
+    g = torch.Generator().manual_seed(2)
+    adv = torch.randn(4, 5, generator=g, dtype=D)  # per-token advantages, both signs
+    eps_high = 0.2
+    cfg = ppo.PPOConfig(objective="cispo", eps_low=eps_low, eps_high=eps_high)
+    loss, metrics = ppo.policy_loss(logp, old, adv, mask, cfg)
+    # token loss - sg(clip(r_t)) A_t logp_t, token-mean over the 13 tokens
+    total, expected, n_clipped = 0.0, torch.zeros(4, 5, dtype=D), 0
+    for b in range(4):
+        for i in range(n[b]):
+            r = math.exp(logp[b, i].item() - old[b, i].item())
+            w = min(max(r, 1 - eps_low), 1 + eps_high)
+            n_clipped += w != r
+            total += w * adv[b, i].item() * logp[b, i].item()
+            expected[b, i] = -w * adv[b, i].item() / 13  # nonzero also where clipped
+    assert 0 < n_clipped < 13  # some weights clipped, some not
+    assert loss.item() == approx(-total / 13)
+    assert _grad(loss, logp).flatten().tolist() == approx(expected.flatten().tolist())
+    assert metrics["pg_clipfrac"] == approx(n_clipped / 13) and metrics["pg_clipfrac_lower"] == 0.0
+
+
+@pytest.mark.parametrize("objective", list(ppo.OBJECTIVES))
+def test_on_policy_is_exact_for_every_objective(objective):
+    g = torch.Generator().manual_seed(0)
+    logp = (-5 * torch.rand(4, 6, generator=g)).requires_grad_()  # fp32, like the trainer
+    mask = torch.rand(4, 6, generator=g) > 0.3
+    adv = 100 * torch.randn(4, generator=g)  # huge advantages, zero-width clip: any ratio != 1 clips
+    cfg = ppo.PPOConfig(objective=objective, eps_low=0.0, eps_high=0.0)
+    for old in (None, logp.detach().clone()):
+        adv_t = torch.where(mask, adv[:, None].expand(4, 6), 0.0)
+        obj, clipped, dual = ppo.OBJECTIVES[objective](logp, old, adv_t, mask, cfg)
+        ratio_one = adv_t * torch.where(mask, logp, 0.0) if objective == "cispo" else adv_t  # r == 1: obj = A (logp)
+        assert torch.equal(obj, ratio_one) and not clipped.any() and not dual.any()
+        loss, m = ppo.policy_loss(logp, old, adv, mask, cfg)
+        assert m["pg_clipfrac"] == 0.0 and m["pg_clipfrac_lower"] == 0.0 and m["ppo_kl"] == 0.0
+        # on-policy all three are plain policy gradient: dL/dlogp_t = -A_b / N on selected tokens
+        expected = torch.where(mask, -adv[:, None].expand(4, 6) / mask.sum(), torch.zeros(()))
+        assert torch.allclose(_grad(loss, logp), expected, rtol=1e-6, atol=0)
+
+
+def test_objectives_compose_with_rollout_correction_kl_and_entropy():
+    logp, old, mask, n = _objective_inputs()
+    g = torch.Generator().manual_seed(3)
+    # log rho per row ~ [0.05, 1.0, 0.3, -0.1] per token: Seq-MIS rejects row 1 (prod rho ~ e^3 > 2)
+    log_rho = t([0.05, 1.0, 0.3, -0.1])[:, None] + 0.02 * torch.randn(4, 5, generator=g, dtype=D)
+    roll = torch.where(mask, old - log_rho, NAN)
+    adv = t([1.0, -1.0, 2.0, -0.5])
+    for objective, preset in [(o, p) for o in ("gspo", "cispo") for p in ("seq-mis", "token-tis")]:
+        cfg = ppo.PPOConfig(objective=objective, correction=preset, loss_agg="seq-mean-token-mean")
+        loss, m = ppo.policy_loss(logp, old, adv, mask, cfg, rollout_logp=roll)
+        w, keep, corr = ppo.rollout_correction(old, roll, mask, preset)
+        assert {k: m[k] for k in corr} == corr  # the same correction metrics as PPO's
+        kept = keep.any(-1)  # a rejected sequence leaves the loss and its denominator
+        assert kept.tolist() == ([True, False, True, True] if preset == "seq-mis" else [True] * 4)
+        expected = torch.zeros(4, 5, dtype=D)
+        for b in range(4):
+            if not kept[b]:
+                continue
+            d = [(logp[b, i] - old[b, i]).item() for i in range(n[b])]
+            for i in range(n[b]):
+                if objective == "gspo":  # s_b A_b / |y_b| where unclipped
+                    s = math.exp(sum(d) / len(d))
+                    unclipped = not ((adv[b] > 0 and s > 1.2) or (adv[b] < 0 and s < 0.8))
+                    grad = s * adv[b].item() / n[b].item() if unclipped else 0.0
+                else:
+                    grad = min(max(math.exp(d[i]), 0.8), 1.2) * adv[b].item() / n[b].item()
+                expected[b, i] = -w[b, i].item() * grad / kept.sum().item()
+        assert _grad(loss, logp).flatten().tolist() == approx(expected.flatten().tolist())
+        # KL and entropy terms add on top, the same as for PPO
+        ref, ent = torch.where(mask, old - 0.1, NAN), torch.where(mask, 0.5 + 0 * old, NAN)
+        cfg2 = ppo.PPOConfig(objective=objective, correction=preset, loss_agg="seq-mean-token-mean",
+                             kl_coef=0.3, entropy_coef=0.01)
+        loss2, m2 = ppo.policy_loss(logp, old, adv, mask, cfg2, rollout_logp=roll, ref_logp=ref, entropy=ent)
+        kl = ppo.kl_penalty(torch.where(keep, logp, 0.0), torch.where(keep, ref, 0.0))
+        extra = 0.3 * ppo.aggregate(kl, keep, "seq-mean-token-mean") - 0.01 * 0.5
+        assert loss2.item() == approx(loss.item() + extra.item()) and m2["pg_loss"] == approx(m["pg_loss"])
+
+
+def test_objective_config_errors():
+    with pytest.raises(ValueError, match="unknown objective"):
+        ppo.PPOConfig(objective="grpo")
+    with pytest.raises(ValueError, match="eps_low"):
+        ppo.PPOConfig(objective="gspo", eps_low=1.0)
+    with pytest.raises(ValueError, match="eps_low"):
+        ppo.PPOConfig(eps_low=2.0)
+    assert ppo.PPOConfig(objective="cispo", eps_low=1e9).eps_low == 1e9  # no lower bound on the weight
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["gspo", "cispo"])
+def test_train_runs_with_each_objective(tmp_path, objective):
+    import test_train
+
+    rows = test_train.run(tmp_path, objective, "--steps", "1", "--objective", objective, "--clip-low", "3e-4",
+                          "--clip-high", "4e-4")
+    rl = [r for r in rows if r["phase"] == "rl"]
+    assert len(rl) == 1 and math.isfinite(rl[0]["loss"]) and math.isfinite(rl[0]["grad_norm"])
+    assert rl[0]["pg_clipfrac"] == 0.0 and rl[0]["ppo_kl"] == 0.0  # exactly on-policy, even with a tiny clip

@@ -94,6 +94,9 @@ def parse_args(argv=None):
     g.add_argument("--loss-agg", default="token-mean", choices=ppo.AGG_MODES, help="how token losses are averaged")
     g.add_argument("--clip-low", type=float, default=0.2, help="PPO clip eps below 1")
     g.add_argument("--clip-high", type=float, default=0.2, help="PPO clip eps above 1")
+    g.add_argument("--objective", default="ppo", choices=list(ppo.OBJECTIVES),
+                   help="policy objective (ppo.py): ppo (token clip), gspo (sequence ratio; its paper clips at "
+                        "--clip-low 3e-4 --clip-high 4e-4), cispo (clipped IS weight; every token keeps a gradient)")
     g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (1: exactly on-policy)")
     g.add_argument("--minibatches", type=int, default=1, help="mini-batches per pass (1: exactly on-policy)")
     g.add_argument("--rollout-correction", default="off", choices=sorted(ppo.CORRECTION_PRESETS),
@@ -376,7 +379,7 @@ def rl_step(policy, engine, opt, pool: EnvPool, args, step: int, mix: dict, d: d
     advantages = ppo.compute_advantages(eps.rewards, args.group_size, args.advantage).to(d.device)
     cfg = ppo.PPOConfig(eps_low=args.clip_low, eps_high=args.clip_high, loss_agg=args.loss_agg,
                         norm_length=tokens.shape[1], kl_coef=args.kl_coef, entropy_coef=args.entropy_coef,
-                        correction=args.rollout_correction)
+                        correction=args.rollout_correction, objective=args.objective)
     old_logp = None  # exactly on-policy: the loss uses logp.detach()
     if args.ppo_epochs > 1 or args.minibatches > 1 or args.routing_noise > 0:
         with torch.no_grad(), perturbed_routing(policy, args.routing_noise, seed=args.seed * 1_000_033 + step):
