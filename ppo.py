@@ -518,7 +518,7 @@ def gspo_objective(logp, old_logp, adv, keep, cfg: "PPOConfig"):
 
     s_i   = exp(clamp(mean_{t in keep_i}(logp_t - old_logp_t), -20, 20))     (no gradient)
     s_it  = s_i * exp(logp_t - sg[logp_t])          value s_i, d s_it / d logp_t = s_i
-    obj_t = min(s_it A_t, clip(s_it, 1 - eps_low, 1 + eps_high) A_t)          (+ dual clip on s_it)
+    obj_t = min(s_it A_t, clip(s_it, 1 - eps_low, 1 + eps_high) A_t)   (+ dual clip; the paper: none)
     d obj_t / d logp_t = s_i A_t where unclipped, 0 where clipped.
     Why the token form: with one advantage per sequence and agg "seq-mean-token-mean" it is the
     paper's sequence objective min(s_i A_i, clip(s_i) A_i) in value and gradient (s_i A_i times the
