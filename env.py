@@ -18,11 +18,15 @@ Design choices
   environments (roles, channels, recipients, JSON argument prefixes, tool replies, names and words
   of the tasks). A tool call is 9-21 tokens and a whole episode 40-115, so a tiny model learns
   the tasks on a CPU in minutes.
-- Two prompt modes: compact (one user message; the task is recognisable from it) for the toy
-  model, full (system + developer message declaring the tools in harmony's TypeScript-namespace
-  style + user) for a real checkpoint. The assistant side of the format is the same in both.
+- Two prompt modes: compact (one user message; the task is recognisable from it, encoded in one
+  call so the toy's pieces are one token each) for the toy model, full (openai-harmony's system
+  and developer content, the tools as JSON schemas, then the user) for a real checkpoint. The
+  full prompt and the tool replies are Harmony.render_for_completion's tokens: what
+  openai-harmony (and so vLLM's gpt-oss serving) renders, token for token. The assistant side
+  of the format is the same in both.
 - Untrusted model output never raises: a broken message (no stop token, bad header, a stop token
-  that does not fit the channel, invalid ids, overlong output) ends the episode with reward 0
+  that does not fit the channel, invalid ids, overlong output, text that is not valid Unicode
+  such as a lone surrogate) ends the episode with reward 0
   and `info["reason"] == "malformed"`; a broken tool call (unknown tool, bad JSON, wrong argument
   type, arithmetic error) gets an "error: ..." reply from the tool and the episode goes on.
   Every step does bounded work: actions, tool arguments and expressions have size limits.
@@ -51,8 +55,9 @@ from tokenizers import Tokenizer
 
 import harmony
 from calc import calculate
-from harmony import (CALL, CHANNELS, END, RETURN, START, Harmony, HarmonyError, Message, completion, final,
-                     load_tokenizer, render, render_conversation, tool_call)
+from harmony import (CALL, CHANNELS, END, RETURN, START, DeveloperContent, Harmony, HarmonyError, Message,
+                     SystemContent, ToolDescription, ToolNamespace, completion, final, load_tokenizer, render,
+                     render_conversation, tool_call)
 
 _TOOL_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*\.[A-Za-z0-9_.\-]+")  # functions.NAME, browser.search, ...
 
@@ -94,26 +99,13 @@ class Tool:
     """A function tool, declared to a real model in the developer message (full prompt mode)."""
     name: str
     description: str
-    params: tuple[tuple[str, str, str], ...]  # (name, TypeScript type, description)
+    params: tuple[tuple[str, str, str], ...]  # (name, JSON schema type, description), all required
 
-
-def developer_message(instructions: str, tools: Sequence[Tool]) -> str:
-    """Developer message content: instructions, then tools as a TypeScript namespace (harmony style)."""
-    lines = ["# Instructions", "", instructions, "", "# Tools", "", "## functions", "", "namespace functions {", ""]
-    for tool in tools:
-        lines += [f"// {tool.description}", f"type {tool.name} = (_: {{"]
-        for name, typ, desc in tool.params:
-            lines += [f"// {desc}", f"{name}: {typ},"]
-        lines += ["}) => any;", ""]
-    return "\n".join(lines + ["} // namespace functions"])
-
-
-SYSTEM_PROMPT = ("You are ChatGPT, a large language model trained by OpenAI.\n"
-                 "Knowledge cutoff: 2024-06\n\n"
-                 "Reasoning: {reasoning}\n\n"
-                 "# Valid channels: analysis, commentary, final. Channel must be included for every message.\n"
-                 "Calls to these tools must go to the commentary channel: 'functions'.")
-
+    def as_harmony(self) -> ToolDescription:
+        """As openai-harmony declares a function tool: its parameters as a JSON schema object."""
+        properties = {name: {"type": typ, "description": desc} for name, typ, desc in self.params}
+        return ToolDescription(self.name, self.description,
+                               {"type": "object", "properties": properties, "required": list(properties)})
 
 
 class Env:
@@ -156,12 +148,16 @@ class Env:
         self._outcome = None
         self._active = True
         user = self._new_task(random.Random(f"{self.name}:{seed}"))
-        messages = [Message("user", user)]
-        if not self.compact:
-            messages = [Message("system", SYSTEM_PROMPT.format(reasoning=self.reasoning)),
-                        Message("developer", developer_message(self.instructions, self.tools))] + messages
-        text = render_conversation(messages)
-        return Prompt(messages, self.harmony.encode(text), text)
+        if self.compact:  # the toy's prompt: encoded in one call, so its pieces become one token each
+            messages = [Message("user", user)]
+            text = render_conversation(messages)
+            return Prompt(messages, self.harmony.encode(text), text)
+        messages = [Message("system", SystemContent(reasoning_effort=self.reasoning)),
+                    Message("developer", DeveloperContent(self.instructions, (ToolNamespace(
+                        "functions", None, tuple(tool.as_harmony() for tool in self.tools)),))),
+                    Message("user", user)]
+        ids = self.harmony.render_for_completion(messages)  # openai-harmony's tokens, token for token
+        return Prompt(messages, ids, self.harmony.decode(ids))
 
     def step(self, action: Sequence[int] | str | bytes) -> Step:
         """One assistant turn: its generated token ids (stop token included) or its text.
@@ -232,6 +228,10 @@ class Env:
         if isinstance(action, str):
             if len(action) > self.max_action_chars:
                 raise _Malformed(f"overlong output (more than {self.max_action_chars} characters)")
+            try:  # a lone surrogate ("\ud800") is a str that no tokenizer (and no UTF-8) can encode
+                action.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise _Malformed(f"text that is not valid Unicode ({err.reason} at character {err.start})") from None
             ids = self.harmony.encode(action)
         else:
             try:  # lists, tuples, numpy arrays, tensors: anything iterable of integers
@@ -260,7 +260,7 @@ class Env:
             self.replies.append(reply)
             if self._outcome:
                 return self._end(*self._outcome, reply=reply)
-            tokens = self.harmony.encode(render(Message(msg.recipient, reply, "commentary", "assistant"))) + self._continue_ids
+            tokens = self._reply_ids(Message(msg.recipient, reply, "commentary", "assistant"))
             reason = "tool_call"
         elif msg.channel == "final":
             if msg.end != RETURN:
@@ -274,6 +274,13 @@ class Env:
             return self._end(0.0, False, "max_turns", f"no answer after {self.turn} turns", reply=reply)
         return Step(tokens, 0.0, False, {"success": False, "reason": reason, "detail": "",
                                          "turn": self.turn, "reply": reply, "env": self.name})
+
+    def _reply_ids(self, reply: Message) -> list[int]:
+        """The tool's reply message, then `<|start|>assistant`: in the full prompt as openai-harmony
+        renders it (its text stays text), in the compact one encoded in one call (the toy's pieces)."""
+        if self.compact:
+            return self.harmony.encode(render(reply)) + self._continue_ids
+        return self.harmony.render_for_completion([reply])
 
     def _tool_call(self, msg: Message) -> str:
         name = msg.recipient[len("functions."):] if msg.recipient.startswith("functions.") else None

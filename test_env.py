@@ -269,12 +269,15 @@ def test_full_prompt_declares_tools():
     e = env.make_env("lookup", compact=False)
     p = e.reset(1)
     assert [m.role for m in p.messages] == ["system", "developer", "user"]
-    assert "Calls to these tools must go to the commentary channel: 'functions'." in p.messages[0].content
-    dev = p.messages[1].content
+    assert isinstance(p.messages[0].content, env.SystemContent) and p.messages[0].content.reasoning_effort == "low"
+    parsed = e.harmony.parse(p.token_ids[:-2], first_role=None)  # the messages as rendered
+    assert [m.role for m in parsed] == ["system", "developer", "user"] and parsed[2] == p.messages[2]
+    assert "Calls to these tools must go to the commentary channel: 'functions'." in parsed[0].content
+    dev = parsed[1].content
     assert "namespace functions {\n\n// Looks a person up in the people database" in dev
     assert "type search = (_: {\n// The person's name\nq: string,\n// room, badge or locker\nfield: string,\n}) => any;" in dev
     assert dev.endswith("} // namespace functions")
-    assert e.harmony.parse(p.token_ids[:-2], first_role=None) == p.messages
+    assert p.text == e.harmony.decode(p.token_ids) and p.token_ids[-2:] == e.harmony.encode(START + "assistant")
     assert e.expert_episode(1).reward == 1.0
 
 
@@ -294,6 +297,21 @@ def random_message(rng: random.Random, name: str) -> Message:
         return Message("assistant", content, channel, f"functions.{tool}", rng.choice(["json", None]),
                        rng.choice([CALL] * 6 + [END, RETURN]))
     return Message("assistant", str(rng.choice(values)), channel, None, None, rng.choice([END, RETURN, CALL]))
+
+
+@pytest.mark.parametrize("name", NAMES + ("mix",))
+@pytest.mark.parametrize("compact", [True, False])
+def test_lone_surrogate_action_is_malformed_not_a_crash(name, compact):
+    """Text that no tokenizer can encode (unpaired surrogates) is a malformed action: reward 0, never a TypeError."""
+    e = env.make_env(name, compact=compact)
+    call = env.completion(env.tool_call(TOOL_OF.get(name, "calculator"), {"expr": "SURROGATE"})).replace("SURROGATE", "\ud800")
+    for action in ["\ud800\udfff", "\udcff", "<|channel|>final<|message|>4\ud8002<|return|>", call,
+                   "\ud800".encode("utf-8", "surrogatepass"), b"\xed\xa0\x80\xff"]:
+        e.reset(0)
+        st = e.step(action)
+        assert st.done and st.reward == 0.0 and st.info["reason"] == "malformed", (action, st.info)
+        if isinstance(action, str):
+            assert "not valid Unicode" in st.info["detail"]
 
 
 def adversarial_actions(name: str) -> list:

@@ -389,3 +389,59 @@ def test_render_and_json_errors_are_harmony_errors(real):
     with pytest.raises(harmony.HarmonyError, match="oneOf"):
         real.render_for_completion([Message("developer", harmony.DeveloperContent(tools=(harmony.ToolNamespace(
             "functions", None, (harmony.ToolDescription("f", "", {"oneOf": []}),)),)))])
+
+
+def reference_prompt(oh, e, user: str):
+    """openai-harmony's own objects for an environment's full prompt (built from its API, not from ours)."""
+    tools = [oh.ToolDescription.new(tool.name, tool.description, parameters={
+        "type": "object", "properties": {name: {"type": typ, "description": desc} for name, typ, desc in tool.params},
+        "required": [name for name, _, _ in tool.params]}) for tool in e.tools]
+    return [oh.Message.from_role_and_content(oh.Role.SYSTEM, oh.SystemContent.new().with_reasoning_effort(oh.ReasoningEffort.LOW)),
+            oh.Message.from_role_and_content(oh.Role.DEVELOPER,
+                                             oh.DeveloperContent.new().with_instructions(e.instructions).with_function_tools(tools)),
+            oh.Message.from_role_and_content(oh.Role.USER, user)]
+
+
+@pytest.mark.parametrize("name", ["calculator", "lookup", "guess", "mix"])
+def test_environment_full_prompts_match_openai_harmony(name, real, reference):
+    """The full prompt mode on the real tokenizer: every prompt and every tool reply (with the
+    `<|start|>assistant` after it) is openai-harmony's rendering token for token, and openai-harmony
+    parses a whole episode into the same messages as Harmony.parse."""
+    oh, enc = reference
+    e = env.make_env(name, tokenizer=real, compact=False)
+    prompts = replies = 0
+    for seed in range(40):
+        episode = e.expert_episode(seed, p_skip_tool=0.2, p_mistake=0.3)
+        task = e.current if name == "mix" else e
+        prompt = task.reset(seed)
+        user = prompt.messages[-1].content
+        want = enc.render_conversation_for_completion(oh.Conversation.from_messages(reference_prompt(oh, task, user)), oh.Role.ASSISTANT)
+        assert prompt.token_ids == want, (name, seed, real.decode(prompt.token_ids), enc.decode_utf8(want))
+        prompts += 1
+        ids, pos = episode.token_ids, len(prompt.token_ids)
+        for turn_mask in _runs(episode.loss_mask[pos:]):  # (is generated, length) after the prompt
+            if not turn_mask[0]:  # an environment's tokens: a tool reply, then <|start|>assistant
+                got = ids[pos:pos + turn_mask[1]]
+                reply = real.parse(got[:-2], first_role=None)[0]
+                msg = oh.Message.from_author_and_content(oh.Author.new(oh.Role.TOOL, reply.role), reply.content)
+                want = enc.render_conversation_for_completion(oh.Conversation.from_messages(
+                    [msg.with_channel("commentary").with_recipient("assistant")]), oh.Role.ASSISTANT)
+                assert got == want, (name, seed, real.decode(got), enc.decode_utf8(want))
+                replies += 1
+            pos += turn_mask[1]
+        theirs = as_reference(oh, enc.parse_messages_from_completion_tokens(ids, None))
+        ours = real.parse(ids, first_role=None)
+        assert as_ours(ours[3:]) == theirs[3:] and [m.role for m in ours[:3]] == [w[0] for w in theirs[:3]]
+    print(f"{name}: {prompts} full prompts and {replies} tool replies equal to openai-harmony's, 0 differ")
+    assert replies > 20
+
+
+def _runs(mask):
+    """[1, 1, 0, 0, 0, 1] -> [(1, 2), (0, 3), (1, 1)]: runs of equal loss-mask values."""
+    runs = []
+    for value in mask:
+        if runs and runs[-1][0] == value:
+            runs[-1] = (value, runs[-1][1] + 1)
+        else:
+            runs.append((value, 1))
+    return runs
