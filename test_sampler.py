@@ -3,7 +3,9 @@ random model with non-trivial values: large sinks of both signs, window 8 shorte
 sequences, prompts of different lengths in one batch, chunks longer than the window."""
 
 import copy
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -278,9 +280,10 @@ def test_bf16_copy_and_update_weights(net):
 def test_cli_with_toy_checkpoint(net, tmp_path, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    specials = ["<|start|>", "<|end|>", "<|message|>", "<|return|>", "<|call|>", "<|channel|>"]
+    specials = ["<|start|>", "<|end|>", "<|message|>", "<|return|>", "<|call|>", "<|channel|>", "<|constrain|>",
+                "<|startoftext|>", "<|endoftext|>"]  # a harmony tokenizer has all nine
     words = ["user", "assistant", "hello", "world", "final", "analysis"]
-    vocab = {w: i for i, w in enumerate(["[UNK]"] + specials + words + [f"w{i}" for i in range(V - 13)])}
+    vocab = {w: i for i, w in enumerate(["[UNK]"] + specials + words + [f"w{i}" for i in range(V - 16)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(specials)
@@ -290,3 +293,83 @@ def test_cli_with_toy_checkpoint(net, tmp_path, capsys):
                         "--temperature", "0"])
     printed = capsys.readouterr().out.strip()
     assert 1 <= len(out.tokens) <= 5 and printed == tok.decode(out.tokens, skip_special_tokens=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: the conversation as openai-harmony renders it; every bad option one line
+# `error: --OPTION VALUE: why`, exit status 2, no traceback, before the model is read
+
+@pytest.fixture
+def cli_checkpoint(net, tmp_path):
+    import harmony
+
+    path = tmp_path / "ckpt"
+    net.save_pretrained(path)
+    harmony.save_tokenizer(harmony.toy_tokenizer(), str(path))
+    return str(path)
+
+
+def cli_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as stop:
+        sampler.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_cli_renders_the_conversation_as_openai_harmony(cli_checkpoint, tmp_path, monkeypatch, capsys):
+    import harmony
+
+    seen = []
+    generate = sampler.Sampler.generate
+    monkeypatch.setattr(sampler.Sampler, "generate", lambda self, prompts, *a, **k: seen.append(prompts) or generate(self, prompts, *a, **k))
+    chat = harmony.Harmony(harmony.load_tokenizer(cli_checkpoint))
+    sampler.main(["--checkpoint", cli_checkpoint, "--prompt", "What is <|end|> 2+2?", "--max-new-tokens", "3"])
+    assert seen[-1] == [chat.render_for_completion([harmony.Message("user", "What is <|end|> 2+2?")])]
+    assert seen[-1][0].count(chat.ids[harmony.END]) == 1  # the prompt's "<|end|>" is text, as in openai-harmony
+    conv = {"messages": [{"role": "system", "content": [{"type": "system_content", "reasoning_effort": "low"}]},
+                         {"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    (tmp_path / "conv.json").write_text(json.dumps(conv))
+    sampler.main(["--checkpoint", cli_checkpoint, "--conversation", str(tmp_path / "conv.json"), "--max-new-tokens", "3"])
+    assert seen[-1] == [chat.render_for_completion(harmony.conversation_from_json(conv))]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("option, value, why", [
+    ("--temperature", "-1", "must be >= 0"), ("--temperature", "nan", "finite"), ("--top-p", "0", "must be > 0"),
+    ("--top-p", "1.5", "must be > 0 and <= 1"), ("--top-k", "-1", "must be >= 0"), ("--max-new-tokens", "0", "must be >= 1"),
+    ("--seed", "-1", "must be >= 0"), ("--device", "nope", "not a device"), ("--device", "cuda:99", "CUDA"),
+    ("--stop-tokens", "<|nope|>", "no such token"), ("--prompt", "bad \udcff byte", "not valid UTF-8")])
+def test_cli_bad_option_is_reported_before_loading_the_model(option, value, why, cli_checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(model.Transformer, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = ["--checkpoint", cli_checkpoint, "--prompt", "hi", option, value]
+    err = cli_error(argv, capsys)
+    assert option in err and why in err and (value in err or repr(value)[1:-1] in err), err
+
+
+def test_cli_checkpoint_file_is_not_a_directory_not_a_missing_tokenizer(cli_checkpoint, tmp_path, capsys):
+    config = os.path.join(cli_checkpoint, "config.json")
+    assert "not a directory" in cli_error(["--checkpoint", config, "--prompt", "hi"], capsys)
+    assert "no such directory" in cli_error(["--checkpoint", str(tmp_path / "nope"), "--prompt", "hi"], capsys)
+    os.remove(os.path.join(cli_checkpoint, "tokenizer.json"))
+    assert "no tokenizer.json in this directory" in cli_error(["--checkpoint", cli_checkpoint, "--prompt", "hi"], capsys)
+
+
+def test_cli_bad_checkpoint_is_one_line_not_a_traceback(cli_checkpoint, capsys):
+    weights = [name for name in os.listdir(cli_checkpoint) if name.endswith(".safetensors")][0]
+    with open(os.path.join(cli_checkpoint, weights), "r+b") as fh:
+        fh.truncate(os.path.getsize(fh.name) // 2)
+    err = cli_error(["--checkpoint", cli_checkpoint, "--prompt", "hi"], capsys)
+    assert "--checkpoint" in err and "cannot load the model" in err and "Traceback" not in err
+    with open(os.path.join(cli_checkpoint, "tokenizer.json"), "w") as fh:
+        fh.write("{not json")
+    assert "tokenizer.json" in cli_error(["--checkpoint", cli_checkpoint, "--prompt", "hi"], capsys)
+
+
+def test_cli_argparse_and_conversation_errors_are_one_line(cli_checkpoint, tmp_path, capsys):
+    assert "--max-new-tokens" in cli_error(["--checkpoint", cli_checkpoint, "--prompt", "hi", "--max-new-tokens", "x"], capsys)
+    assert "--prompt" in cli_error(["--checkpoint", cli_checkpoint], capsys)
+    assert "no such file" in cli_error(["--checkpoint", cli_checkpoint, "--conversation", str(tmp_path / "none.json")], capsys)
+    (tmp_path / "bad.json").write_text('{"messages": [{"role": "user"}]}')
+    assert "not an openai-harmony conversation" in cli_error(["--checkpoint", cli_checkpoint, "--conversation",
+                                                              str(tmp_path / "bad.json")], capsys)
