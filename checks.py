@@ -1,6 +1,6 @@
 """Argument checks with clear errors for model.py: a configuration's fields, attention's inputs,
-token ids and positions. Each raises ValueError naming what is wrong. They live apart so that
-model.py reads as the architecture; model.py calls them on every use.
+token ids, positions and replayed MoE routes. Each raises ValueError naming what is wrong. They
+live apart so that model.py reads as the architecture; model.py calls them on every use.
 """
 
 import torch
@@ -91,3 +91,45 @@ def in_range(tensor: torch.Tensor, limit: int, what: str):
             raise ValueError(message)
     elif tensor.numel():
         torch._assert_async(((tensor >= 0) & (tensor < limit)).all(), message)
+
+
+def forward_inputs(cfg: "model.ModelConfig", input_ids: torch.Tensor, rope_pos: torch.Tensor, routes):
+    """Transformer.hidden's inputs: token ids and positions in range, replayed routes valid
+    (routes_checked). Returns the routes as one (B*T, k) int64 tensor per layer, or None per layer."""
+    in_range(input_ids, cfg.vocab_size, "token id")
+    in_range(rope_pos, cfg.max_position_embeddings, "position (max_position_embeddings)")
+    return [None] * cfg.num_hidden_layers if routes is None else list(routes_checked(cfg, input_ids, routes))
+
+
+def routes_checked(cfg: "model.ModelConfig", input_ids: torch.Tensor, routes) -> tuple:
+    """Replayed MoE routes: an integer tensor (B, T, num_hidden_layers, num_experts_per_tok) whose
+    ids lie in [0, num_local_experts), k distinct experts per token and layer (the order is the
+    router's top-k order, but any order gives the same output up to the k-term sum's rounding).
+    Any integer dtype (the sampler stores int8/int16); returns (B*T, k) int64 per layer on
+    input_ids' device."""
+    L, k, E = cfg.num_hidden_layers, cfg.num_experts_per_tok, cfg.num_local_experts
+    expected = (*input_ids.shape, L, k)
+    if (not isinstance(routes, torch.Tensor) or routes.dtype.is_floating_point or routes.dtype.is_complex
+            or routes.dtype == torch.bool):
+        what = f"{routes.dtype} tensor" if isinstance(routes, torch.Tensor) else type(routes).__name__
+        raise ValueError(f"routes must be an integer tensor of shape (B, T, num_hidden_layers, "
+                         f"num_experts_per_tok) = {expected}; got a {what}")
+    if tuple(routes.shape) != expected:
+        raise ValueError(f"routes must have shape (B, T, num_hidden_layers, num_experts_per_tok) = "
+                         f"{expected}; got {tuple(routes.shape)}")
+    routes = routes.to(device=input_ids.device, dtype=torch.int64)
+    in_range(routes, E, f"routes: expert id (num_local_experts = {E})")
+    if not torch.compiler.is_compiling():  # a compiled graph cannot branch on data (as in_range)
+        _distinct(routes)
+    return routes.reshape(-1, L, k).unbind(dim=1)
+
+
+def _distinct(routes: torch.Tensor):
+    """ValueError (CPU) or a device-side assert when a token's k experts in one layer repeat."""
+    repeated = (routes.sort(dim=-1).values.diff(dim=-1) == 0).any(dim=-1)  # (B, T, L)
+    if routes.device.type != "cpu":
+        torch._assert_async(~repeated.any(), "routes: the same expert twice for one token")
+    elif repeated.any():
+        b, t, layer = repeated.nonzero()[0].tolist()
+        raise ValueError(f"routes: the same expert twice for one token (row {b}, position {t}, "
+                         f"layer {layer}: {routes[b, t, layer].tolist()}); a token's k experts must differ")

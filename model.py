@@ -202,10 +202,8 @@ BLOCK_K = 128  # keys per tile; tiles start at multiples of BLOCK_K in key index
 
 
 def _check_inputs(q, k, v, sinks, causal, sliding_window, q_pos, k_pos):
-    """Validate shapes and options (checks.py); return (q_pos, k_pos) with the defaults filled in:
-    the queries are the last Tq of the Tk keys (a prefix of Tk - Tq keys is cached)."""
+    """checks.attention_inputs: the shapes and options; (q_pos, k_pos) with the defaults filled in."""
     import checks  # argument checks live apart (not needed to read the model)
-
     return checks.attention_inputs(q, k, v, sinks, causal, sliding_window, q_pos, k_pos)
 
 
@@ -543,11 +541,15 @@ class MoE(nn.Module):
         self.router = Linear(cfg.hidden_size, cfg.num_local_experts, True, kernels)
         self.experts = Experts(cfg, kernels)
 
-    def forward(self, x):
+    def forward(self, x, routes=None, chosen=None):
         B, T, H = x.shape
         x = x.reshape(B * T, H)
         logits = self.router(x)  # (N, E)
         top_logits, top_idx = torch.topk(logits, self.top_k, dim=-1)  # top-k of the RAW logits
+        if chosen is not None:  # the router's own choice, also beside a replay (the route mismatch)
+            chosen.append(top_idx.view(B, T, -1))
+        if routes is not None:  # replay (N, k): the current logits at those experts (a router gradient)
+            top_idx, top_logits = routes, logits.gather(-1, routes)
         weights = top_logits.softmax(dim=-1)  # softmax over the k chosen only
         return self.experts(x, top_idx, weights).view(B, T, H)
 
@@ -564,9 +566,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg, kernels)
 
-    def forward(self, x, cos, sin, positions=None, cache=None):
+    def forward(self, x, cos, sin, positions=None, cache=None, routes=None, chosen=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), routes, chosen)
 
 
 class Transformer(nn.Module):
@@ -622,35 +624,35 @@ class Transformer(nn.Module):
         self.kernels.packed_experts = on
         fast_path("kernels").drop_packed(self)
 
-    def hidden(self, input_ids, positions=None, cache=None):
-        """input_ids (B, T) -> the final-normed hidden states (B, T, H), before the unembedding
-        (callers that need only some positions' logits apply lm_head to those alone).
+    def hidden(self, input_ids, positions=None, cache=None, routes=None, return_routes=False):
+        """input_ids (B, T) -> the final-normed hidden states (B, T, H), before the unembedding.
 
-        positions (B, T): each token's absolute position (default 0..T-1; -1: a padding slot that
-        sees nothing and is seen by nothing). cache: the sampler's KV cache; its
-        update(layer_idx, k, v, positions) stores the new keys and returns (k, v, k_pos) for every
-        key the rows can attend to (k_pos < 0: an empty slot).
+        positions (B, T): absolute positions (default 0..T-1; -1: a padding slot that sees nothing
+        and is seen by nothing). cache: the sampler's KV cache (sampler.KVCache.update). routes
+        (B, T, layers, k), integer: every MoE layer uses these experts (replay; checks.routes_checked).
+        return_routes: also return the router's own top-k, (B, T, layers, k) int64 in its order.
         """
         import checks  # argument checks live apart (not needed to read the model)
 
         B, T = input_ids.shape
-        checks.in_range(input_ids, self.config.vocab_size, "token id")
+        rope_pos = torch.arange(T, device=input_ids.device).expand(B, T) if positions is None else positions.clamp(min=0)
+        routes = checks.forward_inputs(self.config, input_ids, rope_pos, routes)  # per layer: (B*T, k) or None
         x = self.embed_tokens(input_ids)  # (B, T, H)
-        rope_pos = positions.clamp(min=0) if positions is not None else torch.arange(T, device=x.device).expand(B, T)
-        checks.in_range(rope_pos, self.config.max_position_embeddings, "position (max_position_embeddings)")
         cos, sin = self.rope(rope_pos, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, positions, cache)
-        return self.norm(x)
+        chosen = [] if return_routes else None
+        for layer, layer_routes in zip(self.layers, routes):
+            x = layer(x, cos, sin, positions, cache, layer_routes, chosen)
+        return (self.norm(x), torch.stack(chosen, dim=2)) if return_routes else self.norm(x)
 
     def logits(self, h):
         """Hidden states (..., H) -> logits (..., V) in fp32 (fp64 for a float64 model)."""
         logits = self.lm_head(h)
         return logits.to(_at_least_fp32(logits.dtype))
 
-    def forward(self, input_ids, positions=None, cache=None):
+    def forward(self, input_ids, positions=None, cache=None, routes=None, return_routes=False):
         """input_ids (B, T) -> logits (B, T, V) in fp32 (fp64 for a float64 model); see hidden()."""
-        return self.logits(self.hidden(input_ids, positions, cache))
+        out = self.hidden(input_ids, positions, cache, routes, return_routes)
+        return (self.logits(out[0]), out[1]) if return_routes else self.logits(out)
 
     # ------------------------------------------------------------------------------------------
     # HF-format checkpoints

@@ -20,6 +20,8 @@ Design choices (each explained where it is made):
   per active row, the active rows kept at the front of the cache: no gather per step (`Session`).
 - Sampling: one sort for top-k/top-p, then the exponential race: seeded, no host sync (`sample`).
 - Forward: the vocabulary projection only where a token is sampled (`Session._forward`).
+- Routes: every processed position's experts, kept on the device in int8/int16 for MoE routing
+  replay (`Trajectory.routes`, `Session._store_routes`): layers x k bytes a token.
 - Weights: shared with the model at its dtype and device, else a copy (`Sampler.update_weights`).
 """
 
@@ -55,6 +57,10 @@ class Trajectory:
     raw_logprobs: list[float]
     prompt_len: int = 0
     finish_reasons: list[str] = field(default_factory=list)  # one per turn
+    # (len(tokens), num_hidden_layers, k): the experts each position used in the sampler, in the
+    # router's top-k order (Transformer.hidden's routes); -1 where the sampler never ran it (the
+    # last sampled token). int8 (int16 above 127 experts): layers * k bytes a token, 96 for gpt-oss-20b
+    routes: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,6 +367,10 @@ class Session:
         self.fed = [0] * B  # tokens of the row already through the model (== cache.lens of its slot)
         self.state = [READY] * B
         self.finish_reasons = [[] for _ in range(B)]
+        # every processed position's experts, by session row and position (rows never move here)
+        route_dtype = torch.int8 if cfg.num_local_experts <= 127 else torch.int16
+        self.routes = torch.full((B, max_len, cfg.num_hidden_layers, cfg.num_experts_per_tok), -1,
+                                 dtype=route_dtype, device=self.device)
 
     def __len__(self):
         return len(self.tokens)
@@ -369,12 +379,15 @@ class Session:
     def ready(self) -> list[int]:
         return [r for r, s in enumerate(self.state) if s == READY]
 
-    def trajectory(self, row: int) -> Trajectory:
+    def trajectory(self, row: int, routes: torch.Tensor | None = None) -> Trajectory:
+        routes = self.routes[row].cpu() if routes is None else routes  # (max_len, L, k) of this row
         return Trajectory(list(self.tokens[row]), list(self.mask[row]), list(self.logprobs[row]),
-                          list(self.raw_logprobs[row]), self.prompt_lens[row], list(self.finish_reasons[row]))
+                          list(self.raw_logprobs[row]), self.prompt_lens[row], list(self.finish_reasons[row]),
+                          routes[:len(self.tokens[row])].clone())
 
     def trajectories(self) -> list[Trajectory]:
-        return [self.trajectory(r) for r in range(len(self))]
+        routes = self.routes.cpu()  # one transfer for every row
+        return [self.trajectory(r, routes[r]) for r in range(len(self))]
 
     def append(self, tokens_by_row: dict[int, list[int]]):
         """Queue tokens the model did not generate (a tool's reply) on those rows and make them ready.
@@ -428,9 +441,19 @@ class Session:
         `last` per row (default the only column). The vocabulary projection runs on those
         positions alone: a B x T prefill would otherwise make B x T x V logits (V = 201088)."""
         hidden = self.model.hidden if last is not None else self.sampler.decode_hidden  # a decode step
-        h = hidden(ids, positions, self.cache)  # (n, T, H), final-normed
+        h, routes = hidden(ids, positions, self.cache, return_routes=True)  # (n, T, H) final-normed; (n, T, L, k)
+        self._store_routes(routes, positions)
         h = h[:, 0] if last is None else h[torch.arange(h.shape[0], device=h.device), last]  # (n, H)
         return self.model.logits(h)
+
+    def _store_routes(self, routes, positions):
+        """Keep each real token's experts (positions (n, T), -1 on a pad) at its session row and
+        position: one scatter on the device, no host sync in a decode step."""
+        rows = self.row_dev[:routes.shape[0], None].expand_as(positions)
+        if positions.shape[1] > 1:  # a right-padded chunk: drop the pads
+            keep = positions >= 0
+            rows, positions, routes = rows[keep], positions[keep], routes[keep]
+        self.routes[rows, positions] = routes.to(self.routes.dtype)
 
     @torch.no_grad()
     def generate(self, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0,
