@@ -135,6 +135,20 @@ def sampled_sequences(checkpoint: str, n: int, length: int, prompt_len: int, see
     return [p + list(o.tokens) for p, o in zip(prompts, outs)]
 
 
+def episode_sequences(checkpoint: str, n: int, seed: int, vocab_size: int) -> list[list[int]]:
+    """n scripted-expert episodes of the environments (calculator, lookup, guess in turn) in the full
+    prompt on the checkpoint's tokenizer.json: prompts and tool replies rendered as openai-harmony
+    renders them (env.py), i.e. the conversations a real model is trained and served on."""
+    import env
+
+    mix = env.make_env("mix", tokenizer=checkpoint, compact=False)
+    seqs = [mix.expert_episode(seed + i).token_ids for i in range(n)]
+    if max(max(seq) for seq in seqs) >= vocab_size:
+        raise ValueError(f"{checkpoint}: tokenizer.json's ids reach {max(max(seq) for seq in seqs)}, "
+                         f"the model has {vocab_size} embedding rows")
+    return seqs
+
+
 def read_sequences(path: str, vocab_size: int) -> list[list[int]]:
     """A JSONL file: one sequence per line, a list of token ids or an object with "tokens"."""
     seqs = []
@@ -557,10 +571,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sequences", metavar="JSONL",
                     help="token sequences to score, one per line: a list of token ids or {\"tokens\": [...]} "
                          "(default: --num-sequences generated from --seed)")
-    ap.add_argument("--source", choices=("random", "sampled"), default="random",
+    ap.add_argument("--source", choices=("random", "sampled", "episodes"), default="random",
                     help="without --sequences: 'random' = token ids uniform over the vocabulary; 'sampled' = a random "
                          "prompt of --prompt-len tokens continued by this project's sampler (fp32, temperature 1), "
-                         "i.e. tokens the model finds likely (default random)")
+                         "i.e. tokens the model finds likely; 'episodes' = the environments' scripted episodes in "
+                         "the full harmony prompt on the checkpoint's tokenizer.json, rendered as openai-harmony "
+                         "renders them (--seq-len unused) (default random)")
     ap.add_argument("--num-sequences", type=int, default=4, help="sequences to generate (default 4)")
     ap.add_argument("--seq-len", type=int, default=64, help="tokens per generated sequence (default 64)")
     ap.add_argument("--prompt-len", type=int, default=4, help="random prompt tokens for --source sampled (default 4)")
@@ -623,6 +639,8 @@ def check_args(args) -> tuple[list[str], list[str]]:
         cli.checkpoint_dir("--checkpoint", args.checkpoint, needs=("config.json",))
     if args.sequences:
         cli.existing_file("--sequences", args.sequences)
+    elif args.source == "episodes" and not os.path.isfile(os.path.join(args.checkpoint, "tokenizer.json")):
+        cli.bad("--source", args.source, f"needs a tokenizer.json in --checkpoint {args.checkpoint}")
     if args.json:
         cli.writable_file("--json", args.json)
     if args.vllm_python and "vllm" in engines:
@@ -644,6 +662,8 @@ def main(argv=None) -> int:
         cfg = model.ModelConfig.from_json(os.path.join(args.checkpoint, "config.json"))
         if args.sequences:
             seqs = read_sequences(args.sequences, cfg.vocab_size)
+        elif args.source == "episodes":
+            seqs = episode_sequences(args.checkpoint, args.num_sequences, args.seed, cfg.vocab_size)
         elif args.source == "sampled":
             seqs = sampled_sequences(args.checkpoint, args.num_sequences, args.seq_len, args.prompt_len, args.seed)
         else:

@@ -288,3 +288,24 @@ def test_cli_bad_checkpoint_or_sequences_is_one_line(checkpoint, tmp_path, capsy
     assert "cannot read config" in cli_error(["--checkpoint", str(tmp_path)], capsys)
     (tmp_path / "seqs.jsonl").write_text("[1, 99999]\n")
     assert "out of range" in cli_error(["--checkpoint", checkpoint, "--sequences", str(tmp_path / "seqs.jsonl")], capsys)
+
+
+def test_episodes_source_scores_harmony_conversations(checkpoint, tmp_path, capsys):
+    """--source episodes: the environments' full-prompt episodes on the checkpoint's tokenizer.json
+    (the toy's here; o200k_harmony's for gpt-oss), scored like any other sequences."""
+    import shutil
+
+    import env
+    import harmony
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, ckpt)
+    report_path = tmp_path / "report.json"
+    argv = ["--checkpoint", str(ckpt), "--source", "episodes", "--num-sequences", "2", "--engines", "float64,model"]
+    assert "needs a tokenizer.json" in cli_error(argv, capsys)
+    harmony.save_tokenizer(env.toy_tokenizer(), str(ckpt))
+    assert parity.main(argv + ["--tol", "float32/*:*=1e-5", "--quiet", "--threads", "1", "--json", str(report_path)]) == 0
+    mix = env.make_env("mix", compact=False)
+    want = [mix.expert_episode(seed).token_ids for seed in range(2)]
+    assert json.loads(report_path.read_text())["sequences"]["tokens"] == want
+    assert "all within tolerance" in capsys.readouterr().out
