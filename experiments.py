@@ -4,6 +4,7 @@
     python experiments.py --seeds 0 1     # and a second seed (about twice as long; finished runs are reused)
     python experiments.py --quick         # a seconds-long smoke run of the same pipeline
     python experiments.py --analyze-only  # table and plots again from results/runs/*/metrics.jsonl
+    python experiments.py --replay        # the MoE routing-replay grid instead: results/replay.md
 
 What it runs (every run is one `train.py` process with --threads 1, up to --jobs at a time;
 runner.py runs them, reusing finished runs whose options and code are unchanged):
@@ -33,6 +34,13 @@ The no-sink mismatch is only as large as the sinks. Trained from 0 on a toy task
 near 0 (measured: |sink| < 0.2 after 600 supervised steps) while released GPT-OSS checkpoints
 have sinks of several units; train.py's --sink-init starts the warm start's sinks there (they
 keep training), which is the faithful way to give the toy model what the retrospective's model had.
+
+--replay runs the routing-replay grid instead (replay.py; same warm starts): the routing mismatches
+{router noise (--routing-noise), bf16 sampler} x --routing-replay {off, r2, r3} with PPO, and off/r3
+with GSPO (--objective gspo at its paper's clip range 3e-4/4e-4), one epoch and one mini-batch (so
+the ratio check holds), in results/runs/replay-<case>-<mode>-<objective>-s<seed>; results/replay.md
+and replay.json (table.md untouched), with the bf16 sampler's route mismatch measured apart on the
+warm start (decisions, and tokens that differ in at least one layer: measure_routes).
 """
 
 from __future__ import annotations
@@ -52,6 +60,10 @@ MISMATCHES = {  # name -> (label, train.py options)
     "bf16": ("bf16 sampler", ["--sampler-dtype", "bfloat16"]),
 }
 CORRECTIONS = ["off", "token-tis", "seq-tis", "seq-mis"]
+REPLAY_CASES = {"noise": "router noise", "bf16": "bf16 sampler"}  # --replay's rows (options: replay_runs)
+REPLAY_CELLS = [("ppo", "off"), ("ppo", "r2"), ("ppo", "r3"), ("gspo", "off"), ("gspo", "r3")]  # (objective, replay)
+OBJECTIVE_OPTIONS = {"ppo": ["--objective", "ppo"],
+                     "gspo": ["--objective", "gspo", "--clip-low", "3e-4", "--clip-high", "4e-4"]}
 
 
 def float_or_none(text: str):
@@ -110,6 +122,8 @@ def parse_args(argv=None):
     g.add_argument("--jobs", type=int, default=2, help="train.py processes at a time (each single-threaded)")
     g.add_argument("--fresh", action="store_true", help="rerun everything, even finished runs whose options match")
     g.add_argument("--analyze-only", action="store_true", help="no training: table and plots from existing runs")
+    g.add_argument("--replay", action="store_true",
+                   help="the routing-replay grid instead of the mismatch grid: results/replay.md (see above)")
     g.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the grid runs' checkpoints (default: delete them when a run ends; warm starts are kept)")
     for title, options in (("every run (passed to train.py explicitly)", SHARED_OPTIONS),
@@ -154,6 +168,9 @@ def plan(args) -> list[runner.Run]:
           "--kl-coef", "0", "--entropy-coef", "0", *common]
     for seed in args.seeds:
         init = ["--init-from", warm_checkpoint(args.out, seed), "--seed", str(seed)]
+        if args.replay:
+            runs += replay_runs(args, [*init, *rl], seed)
+            continue
         for mm in args.mismatches:
             for corr in args.corrections:
                 runs.append(runner.Run(f"{mm}.{corr}-s{seed}", [*init, *rl, *MISMATCHES[mm][1], "--rollout-correction", corr],
@@ -163,6 +180,16 @@ def plan(args) -> list[runner.Run]:
                                                         "--routing-noise", str(args.routing_noise)],
                             "routing", seed, "none", "off", needs=f"warm-s{seed}", total_steps=args.steps))
     return runs
+
+
+def replay_runs(args, argv: list[str], seed: int) -> list[runner.Run]:
+    """The routing-replay grid of one seed: every case x REPLAY_CELLS, options explicit."""
+    cases = {"noise": ["--routing-noise", str(args.routing_noise)], "bf16": ["--sampler-dtype", "bfloat16"]}
+    return [runner.Run(f"replay-{case}-{mode}-{objective}-s{seed}",
+                       [*argv, *cases[case], *OBJECTIVE_OPTIONS[objective], "--routing-replay", mode,
+                        "--rollout-correction", "off"],
+                       "replay", seed, case, f"{objective}/{mode}", needs=f"warm-s{seed}", total_steps=args.steps)
+            for case in REPLAY_CASES for objective, mode in REPLAY_CELLS]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,6 +437,90 @@ def render_table(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measure_routes(checkpoint: str, env_name: str, episodes: int, seed: int = 0) -> dict:
+    """The sampler's routes (fp32, and bf16: its own copy of the weights) against an fp32 trainer's
+    full forward on the same episodes (one batch at temperature 1 from `checkpoint`), as replay.mismatch
+    counts them: decisions, tokens differing in at least one layer, the worst layer."""
+    import torch
+
+    import harmony
+    import model
+    import replay
+    import sampler
+    import train
+
+    torch.manual_seed(seed)
+    net = model.Transformer.from_pretrained(checkpoint)
+    chat = harmony.Harmony(harmony.load_tokenizer(os.path.join(checkpoint, "tokenizer.json")))
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        engine = sampler.Sampler(net, dtype=getattr(torch, dtype))
+        eps = train.play(engine, train.EnvPool(chat).take([env_name] * episodes), list(range(episodes)),
+                         temperature=1.0, max_new_tokens=40, sample_seed=seed)
+        routes, processed = replay.sampler_routes(eps.trajectories, eps.tokens.shape[1])
+        with torch.no_grad():
+            trainer = net.hidden(eps.tokens, return_routes=True)[1]
+        out[dtype] = {**replay.mismatch(routes, trainer, processed), "positions": int(processed.sum()),
+                      "layers": net.config.num_hidden_layers, "k": net.config.num_experts_per_tok}
+    return out
+
+
+def analyze_replay(out: str, env_name: str, meta: dict, measured: dict) -> dict:
+    """Write <out>/replay.md and replay.json from <out>/runs/replay-*; return the table data."""
+    root, cells = os.path.join(out, "runs"), []
+    for case in REPLAY_CASES:
+        for objective, mode in REPLAY_CELLS:
+            for name in sorted(n for n in (os.listdir(root) if os.path.isdir(root) else [])
+                               if n.startswith(f"replay-{case}-{mode}-{objective}-s")):
+                rows = read_rows(os.path.join(root, name, "metrics.jsonl"))
+                rl = [r for r in rows if r.get("phase") == "rl"]
+                done = os.path.exists(os.path.join(root, name, "experiment.json"))
+                cells.append({"run": name, "case": case, "objective": objective, "replay": mode,
+                              "status": "done" if done else "unfinished", **summarize_run(rows, env_name),
+                              "route_mismatch_mean": _mean([r.get("rollout_corr/route_mismatch") for r in rl]),
+                              "route_mismatch_layer_max": _max([r.get("rollout_corr/route_mismatch_max") for r in rl])})
+    data = {"meta": meta, "measured_routes": measured, "cells": cells}
+    with open(os.path.join(out, "replay.json"), "w") as f:
+        json.dump(data, f, indent=1, default=lambda x: None)
+    with open(os.path.join(out, "replay.md"), "w") as f:
+        f.write(render_replay(data))
+    return data
+
+
+def render_replay(data: dict) -> str:
+    meta = data["meta"]
+    lines = ["# MoE routing replay: results", "", f"Command: `{meta.get('command', '')}`"
+             + (f"; wall time {meta['wall_s'] / 60:.1f} min" if meta.get("wall_s") else "") + ".", "",
+             meta.get("setup", ""), "",
+             "Route mismatch: rollout_corr/route_mismatch, the fraction of (token, layer) expert sets of the "
+             "trainer's first pass that differ from the sampler's, over every position the sampler processed "
+             "(mean over steps), and the worst layer of any step (rollout_corr/route_mismatch_max). Under r3 "
+             "the trainer's own top-k is taken on the replayed forward. Ratio: steps with ppo_kl != 0 and the "
+             "largest |ppo_kl| (one epoch, one mini-batch: exactly 0 on-policy); clip fraction: the largest "
+             "pg_clipfrac. Mismatch KL: sampler/trainer rollout_corr/k3_kl, mean of the first and last fifth, "
+             "max over steps. Success: sampled training episodes, first -> last fifth (mean over all steps); "
+             "held-out: greedy success at the end.", "",
+             "| case | objective | replay | route mismatch (worst layer) | steps ratio != 1 | max abs ppo_kl | "
+             "max clip fraction | mismatch KL first -> last (max) | success first -> last (mean) | held-out |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in data["cells"]:
+        lines.append(f"| {REPLAY_CASES[c['case']]} | {c['objective']} | {c['replay']}"
+                     + ("" if c["status"] == "done" else f" ({c['status']})") + " | "
+                     f"{sci(c['route_mismatch_mean'])} ({sci(c['route_mismatch_layer_max'])}) | "
+                     f"{c['ratio_not_one_steps']}/{c['steps']} | {sci(c['ppo_kl_max_abs'])} | {sci(c['pg_clipfrac_max'])} | "
+                     f"{sci(c['mismatch_kl_first'])} -> {sci(c['mismatch_kl_last'])} ({sci(c['mismatch_kl_max'])}) | "
+                     f"{fmt(c['success_first'])} -> {fmt(c['success_last'])} ({fmt(c['success_mean'])}) | "
+                     f"{fmt(c['eval_final'])} |")
+    if data["measured_routes"]:
+        lines += ["", "## The sampler's routes against an fp32 trainer's (warm start, one batch)", "",
+                  "| sampler | positions | decisions that differ | tokens differing in >= 1 layer | worst layer |",
+                  "|---|---|---|---|---|"]
+        for dtype, m in data["measured_routes"].items():
+            lines.append(f"| {dtype} | {m['positions']} x {m['layers']} layers (top-{m['k']}) | "
+                         f"{m['decisions']:.4f} | {m['tokens']:.4f} | {m['max_layer']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 PLOTS = [  # (metric, title, log scale)
     ("success", "training success (sampled episodes)", False),
     ("reward", "training reward", False),
@@ -537,6 +648,8 @@ def main(argv=None):
         runner.execute(plan(args), args)
     command_line = "python experiments.py" + ("" if not argv else " " + " ".join(argv))
     meta = {"command": command_line, "setup": setup_line(args), "seeds": args.seeds}
+    if args.replay:
+        return main_replay(args, meta, t0)
     if args.analyze_only:  # keep what the run that made these results recorded
         try:
             with open(os.path.join(args.out, "table.json")) as f:
@@ -552,6 +665,16 @@ def main(argv=None):
     failed = [n for n, r in data["runs"].items() if r["status"] != "done"]
     if failed:
         print(f"not finished: {', '.join(failed)} (see {args.out}/runs/<run>/train.log)")
+
+
+def main_replay(args, meta: dict, t0: float):
+    """--replay's analysis: the route measurement on the first warm start, replay.md."""
+    meta["wall_s"] = round(time.time() - t0, 1)
+    checkpoint = warm_checkpoint(args.out, args.seeds[0])
+    measured = measure_routes(checkpoint, args.env, args.prompts * args.group_size) if os.path.isdir(checkpoint) else {}
+    analyze_replay(args.out, args.env, meta, measured)
+    with open(os.path.join(args.out, "replay.md")) as f:
+        print(f.read())
 
 
 if __name__ == "__main__":

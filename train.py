@@ -44,6 +44,7 @@ import harmony
 import model
 import options
 import ppo
+import replay
 import rundir
 import sampler
 
@@ -120,6 +121,10 @@ def parse_args(argv=None):
     g.add_argument("--routing-noise", type=float, default=0.0,
                    help="compute old log-probs in a second forward whose router logits get N(0, this^2) noise: "
                         "the MoE routing flip between two passes that breaks on-policy exactness (0: off)")
+    g.add_argument("--routing-replay", default="off", choices=replay.MODES,
+                   help="MoE routing replay (replay.py): r3 runs every trainer forward on the sampler's experts, r2 "
+                        "replays the trainer's first pass in later epochs and mini-batches; under r2/r3 the routing "
+                        "noise is not applied (the experts are pinned). rollout_corr/route_mismatch is logged always")
     g.add_argument("--sink-init", type=float, default=None,
                    help="start every attention sink of a new model at this value instead of 0: released GPT-OSS "
                         "checkpoints have sinks of several units, a toy model trained from 0 keeps them near 0, so "
@@ -213,13 +218,14 @@ def concat(parts: list[Episodes]) -> Episodes:
                     [e for p in parts for e in p.envs], [t for p in parts for t in p.trajectories])
 
 
-def token_logprobs(net: model.Transformer, tokens: torch.Tensor, mask: torch.Tensor):
+def token_logprobs(net: model.Transformer, tokens: torch.Tensor, mask: torch.Tensor, routing=None):
     """The trainer's log-probs of tokens[:, 1:] and the entropy of each predicting distribution,
     both (N, T-1) fp32, where mask[:, 1:] is set (0 elsewhere). The unembedding runs only on
-    those positions: with a loss on a third of the tokens that is a third of its cost."""
+    those positions: with a loss on a third of the tokens that is a third of its cost.
+    routing: replay.Replay.rows(...), which runs net.hidden with the step's replayed MoE routes."""
     device = net.embed_tokens.weight.device
     tokens, where = tokens.to(device), mask[:, 1:].to(device)
-    h = net.hidden(tokens)[:, :-1]  # (N, T-1, H): position t predicts token t+1
+    h = (net.hidden(tokens) if routing is None else routing(net, tokens))[:, :-1]  # position t predicts t+1
     logp_all = torch.log_softmax(net.logits(h[where]), dim=-1)  # (M, V) for the M masked positions
     logp = logp_all.gather(-1, tokens[:, 1:][where][:, None]).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -359,10 +365,11 @@ def rl_step(policy, engine, opt, pool: EnvPool, args, step: int, mix: dict, d: d
     cfg = ppo.PPOConfig(eps_low=args.clip_low, eps_high=args.clip_high, loss_agg=args.loss_agg,
                         norm_length=tokens.shape[1], kl_coef=args.kl_coef, entropy_coef=args.entropy_coef,
                         correction=args.rollout_correction, objective=args.objective)
+    routing = replay.Replay(args.routing_replay, eps.trajectories, tokens.shape[1], d.device)
     old_logp = None  # exactly on-policy: the loss uses logp.detach()
     if args.ppo_epochs > 1 or args.minibatches > 1 or args.routing_noise > 0:
-        with torch.no_grad(), perturbed_routing(policy, args.routing_noise, seed=args.seed * 1_000_033 + step):
-            old_logp = token_logprobs(policy, tokens, eps.mask)[0]
+        with torch.no_grad(), perturbed_routing(policy, replay.routing_noise(args), seed=args.seed * 1_000_033 + step):
+            old_logp = token_logprobs(policy, tokens, eps.mask, routing.rows())[0]
     ref_logp = None
     if ref_policy is not None:
         with torch.no_grad():
@@ -373,7 +380,7 @@ def rl_step(policy, engine, opt, pool: EnvPool, args, step: int, mix: dict, d: d
     for _ in range(args.ppo_epochs):
         for mb in rows.chunk(args.minibatches):
             old = None if old_logp is None else old_logp[mb]
-            logp, entropy = token_logprobs(policy, tokens[mb], eps.mask[mb])
+            logp, entropy = token_logprobs(policy, tokens[mb], eps.mask[mb], routing.rows(mb))
             loss, m = ppo.policy_loss(logp, old, advantages[mb], mask[mb], cfg, rollout_logp=rollout_logp[mb],
                                       ref_logp=None if ref_logp is None else ref_logp[mb], entropy=entropy)
             share = distributed.rank_share(d, cfg, logp, old, rollout_logp[mb], mask[mb])
@@ -391,6 +398,7 @@ def rl_step(policy, engine, opt, pool: EnvPool, args, step: int, mix: dict, d: d
             metrics["grad_norm"] = grad_norm.item() * share  # already global: the shares sum to 1
     if old_logp is not None:
         metrics.update({k: v * share for k, v in ppo.rollout_mismatch_metrics(old_logp, rollout_logp, mask).items()})
+    metrics.update({k: v * share for k, v in routing.metrics().items()})  # the sampler's routes vs the first pass
     metrics = dict(zip(metrics, d.sum(list(metrics.values()))))
     metrics.update({"phase": "rl", "step": step, "skipped_updates": int(d.sum([skipped])[0])})
     metrics.update(episode_stats(eps, env_names(args), d))
