@@ -299,6 +299,16 @@ def random_message(rng: random.Random, name: str) -> Message:
     return Message("assistant", str(rng.choice(values)), channel, None, None, rng.choice([END, RETURN, CALL]))
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_compact_prompt_is_what_render_for_completion_gives(name):
+    """On the toy tokenizer the compact prompt (encoded in one call) equals Harmony.render_for_completion
+    of its messages, so `sampler.py --prompt` on a make-train checkpoint sees the prompts it was trained on."""
+    e = env.make_env(name)
+    for seed in range(50):
+        prompt = e.reset(seed)
+        assert e.harmony.render_for_completion(prompt.messages) == prompt.token_ids
+
+
 @pytest.mark.parametrize("name", NAMES + ("mix",))
 @pytest.mark.parametrize("compact", [True, False])
 def test_lone_surrogate_action_is_malformed_not_a_crash(name, compact):
