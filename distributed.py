@@ -24,12 +24,13 @@ import shutil
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
+import hf_checkpoint
 import model
 import ppo
 import rundir
@@ -132,15 +133,19 @@ def save_checkpoint(run_dir: str, full: model.Transformer, net: torch.nn.Module,
         final = os.path.join(run_dir, "checkpoints", f"step-{state['step']:06d}")
         tmp = f"{final}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        full.save_pretrained(tmp)
-        rundir.kill_point("save:model")  # the test hook: killed with the checkpoint half written
-        tokenizer.save(os.path.join(tmp, "tokenizer.json"))
-        tensors = {f"{name}::{k}": v for name, st in opt_state["state"].items() for k, v in st.items()}
-        os.makedirs(os.path.join(tmp, "trainer"))
-        save_file(tensors, os.path.join(tmp, OPTIMIZER_FILE))
-        save_file(rng_states(), os.path.join(tmp, RNG_FILE))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({**state, "param_groups": opt_state["param_groups"]}, f, indent=2)
+        try:
+            full.save_pretrained(tmp)
+            rundir.kill_point("save:model")  # the test hook: killed with the checkpoint half written
+            tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+            tensors = {f"{name}::{k}": v for name, st in opt_state["state"].items() for k, v in st.items()}
+            os.makedirs(os.path.join(tmp, "trainer"))
+            hf_checkpoint.save_safetensors(tensors, os.path.join(tmp, OPTIMIZER_FILE))
+            hf_checkpoint.save_safetensors(rng_states(), os.path.join(tmp, RNG_FILE))
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump({**state, "param_groups": opt_state["param_groups"]}, f, indent=2)
+        except Exception:  # a full disk, say: give the space of the half-written one back
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         rundir.kill_point("save:rename")
         rundir.replace_dir(tmp, final)
         for old in list_checkpoints(run_dir)[:-2]:  # keep the last two

@@ -10,6 +10,7 @@ name and shape checks, and the sharded writer.
 import dataclasses
 import json
 import os
+import re
 
 import torch
 from safetensors import safe_open
@@ -194,6 +195,19 @@ class CheckpointReader:
         return torch.stack([dequantize_mxfp4(blocks[e], scales[e], dtype).T for e in range(E)])
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None):
+    """safetensors' save_file, whose I/O errors (a full disk, a read-only directory) come as
+    SafetensorError "... (os error N)": raised here as the OSError they are, with the file's name."""
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except Exception as e:
+        found = re.search(r"os error (\d+)", str(e))
+        if found is None or isinstance(e, OSError):
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), path) from e
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str, max_shard_bytes: int):
     """tensors -> model.safetensors, or shards of at most max_shard_bytes (a tensor larger than
     that gets a shard of its own) with a model.safetensors.index.json that maps names to files."""
@@ -205,12 +219,12 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str, max_shard_byt
         shards[-1][name] = tensor
         size += tensor.nbytes
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
+        save_safetensors(shard, os.path.join(path, fname), metadata={"format": "pt"})
         weight_map.update({name: fname for name in shard})
     total = sum(tensor.nbytes for tensor in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

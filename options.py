@@ -18,6 +18,7 @@ import os
 import torch
 
 import env
+import model
 import rundir
 
 # option -> its smallest value (and why, when it is not obvious)
@@ -111,6 +112,15 @@ def parse_mix(text: str) -> dict[str, float]:
         rundir.fail(f"--sft-mix: environments must be among {list(env.ENVS)} with weights >= 0, not all 0; "
                     f"got {text!r}")
     return mix
+
+
+def init_model(path: str):
+    """--init-from's model; a bad checkpoint (its file and tensor named by hf_checkpoint) is user
+    input, so one line and exit 2, not a traceback."""
+    try:
+        return model.Transformer.from_pretrained(path)
+    except ValueError as e:
+        rundir.fail(f"--init-from {path!r}: {e}")
 
 
 def checked(args: argparse.Namespace) -> argparse.Namespace:

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import distributed
 import hf_checkpoint
@@ -340,8 +341,8 @@ def test_full_disk_is_one_line_and_exit_1_with_the_last_checkpoint_intact(tmp_pa
 
     def full_disk(tensors, path, **kw):
         calls.append(path)
-        if len(calls) == 2:  # step 1's model: step 0's checkpoint is on disk
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        if len(calls) == 4:  # step 1's model (3 files a checkpoint): step 0's is on disk. What safetensors raises:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real(tensors, path, **kw)
 
     monkeypatch.setattr(hf_checkpoint, "save_file", full_disk)
@@ -349,10 +350,11 @@ def test_full_disk_is_one_line_and_exit_1_with_the_last_checkpoint_intact(tmp_pa
         run(tmp_path, "run", "--steps", "2")
     assert exit_info.value.code == 1
     line = error_line(capsys)
-    assert f"cannot write {calls[1]}: No space left on device" in line and "step-000000, is intact" in line, line
+    assert f"cannot write {calls[3]}: No space left on device" in line and "step-000000, is intact" in line, line
     kept = distributed.list_checkpoints(tmp_path / "run")
     assert [os.path.basename(p) for p in kept] == ["step-000000"]
     model.Transformer.from_pretrained(kept[0])  # whole
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["step-000000"]  # the half-written one's space back
     assert not os.path.exists(tmp_path / "run" / rundir.LOCK_FILE)
 
 
@@ -367,3 +369,17 @@ def test_read_only_output_directory_is_one_line_and_exit_1(tmp_path, capsys, mon
     assert exit_info.value.code == 1
     line = error_line(capsys)
     assert "Read-only file system" in line and "no checkpoint was written" in line, line
+
+
+def test_init_from_a_damaged_checkpoint_is_one_line_naming_the_file_and_tensor(checkpoint, tmp_path, capsys):
+    import env
+    env.toy_tokenizer().save(os.path.join(checkpoint, "tokenizer.json"))
+    net = model.Transformer.from_pretrained(checkpoint)
+    with torch.no_grad():
+        net.lm_head.weight[0, 0] = float("inf")
+    net.save_pretrained(checkpoint)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*FAST, "--init-from", checkpoint, "--out", str(tmp_path), "--name", "run"])
+    assert exit_info.value.code == 2
+    line = error_line(capsys)
+    assert f"{checkpoint}/model.safetensors: tensor lm_head.weight has 1 non-finite value" in line, line

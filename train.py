@@ -479,7 +479,7 @@ class Log:
 
 def build_model(args, chat) -> model.Transformer:
     if args.init_from:
-        return model.Transformer.from_pretrained(args.init_from)
+        return options.init_model(args.init_from)  # a bad checkpoint: one line naming its file and tensor
     overrides = dict(vocab_size=chat.vocab_size)
     cfg = (model.ModelConfig(**TRAIN_MODEL, **overrides) if args.preset == "train"
            else model.preset(args.preset, **overrides))
