@@ -174,10 +174,14 @@ def save_reference(run_dir: str, checkpoint: str, d: Dist):
 
 
 def load_reference(run_dir: str, device) -> model.Transformer:
+    """The starting policy; a run saved before <run>/reference existed: its step-000000, if kept."""
     path = rundir.reference_path(run_dir)
+    first = os.path.join(run_dir, "checkpoints", "step-000000")
     if not rundir.complete(path, ("config.json",)):
-        rundir.fail(f"--kl-coef needs the run's starting policy in {path}, which is missing (a run started "
-                    f"before it was saved there cannot take a KL term on resume)")
+        path = first
+    if not rundir.complete(path, ("config.json",)):
+        rundir.fail(f"--kl-coef needs the run's starting policy, in {rundir.reference_path(run_dir)} (or "
+                    f"{first}), and neither is there")
     return model.Transformer.from_pretrained(path, device=device).requires_grad_(False)
 
 

@@ -383,3 +383,14 @@ def test_init_from_a_damaged_checkpoint_is_one_line_naming_the_file_and_tensor(c
     assert exit_info.value.code == 2
     line = error_line(capsys)
     assert f"{checkpoint}/model.safetensors: tensor lm_head.weight has 1 non-finite value" in line, line
+
+
+def test_resume_of_a_run_without_its_starting_policy_is_one_line(tmp_path, stopped, capsys):
+    """A run saved before <run>/reference existed, whose step-000000 is pruned: no KL reference."""
+    out = copy_of(stopped, tmp_path)
+    shutil.rmtree(out / "run" / "reference")
+    with pytest.raises(SystemExit) as exit_info:
+        run(out, "run", "--steps", "4", "--resume")
+    assert exit_info.value.code == 2
+    assert "--kl-coef needs the run's starting policy" in error_line(capsys)
+    assert names(out, "run") == ["step-000002", "step-000003"]
