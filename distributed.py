@@ -202,9 +202,13 @@ def list_checkpoints(run_dir) -> list[str]:
 def load_checkpoint(path: str, full: model.Transformer, net: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
     """Every rank reads the files into `full`, then FSDP keeps each rank's shard of the model and
     the optimizer in `net` and `opt`; the RNG states are restored. Returns the loop's state."""
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        state = json.load(f)
-    loaded = model.Transformer.from_pretrained(path, dtype=next(full.parameters()).dtype)
+    try:  # a damaged checkpoint (renamed into place whole, so the disk's doing): one line, not a traceback
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state = json.load(f)
+        loaded = model.Transformer.from_pretrained(path, dtype=next(full.parameters()).dtype)
+    except ValueError as e:
+        rundir.fail(f"--resume: the last checkpoint cannot be read: {e}; move {path} away to resume from the one "
+                    f"before", code=1)
     full.load_state_dict(loaded.state_dict())
     if net is not full:
         set_model_state_dict(net, full.state_dict(), options=StateDictOptions(full_state_dict=True))

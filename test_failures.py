@@ -394,3 +394,15 @@ def test_resume_of_a_run_without_its_starting_policy_is_one_line(tmp_path, stopp
     assert exit_info.value.code == 2
     assert "--kl-coef needs the run's starting policy" in error_line(capsys)
     assert names(out, "run") == ["step-000002", "step-000003"]
+
+
+def test_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, stopped, capsys):
+    out = copy_of(stopped, tmp_path)
+    weights = out / "run" / "checkpoints" / "step-000003" / "model.safetensors"
+    os.truncate(weights, os.path.getsize(weights) // 2)
+    with pytest.raises(SystemExit) as exit_info:
+        run(out, "run", "--steps", "4", "--resume")
+    assert exit_info.value.code == 1
+    line = error_line(capsys)
+    assert f"cannot read {weights}" in line and "to resume from the one before" in line, line
+    assert names(out, "run") == ["step-000002", "step-000003"]  # nothing removed
