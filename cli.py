@@ -1,4 +1,5 @@
-"""Command-line input of the tools (sampler.py, parity.py): checked before any work, reported in one line.
+"""Command-line input of the tools (train.py through options.py, sampler.py, parity.py): checked
+before any work, reported in one line.
 
     ap = cli.Parser(prog="sampler.py")       # argparse's own errors become one line too
     args = ap.parse_args(argv)
@@ -22,10 +23,10 @@ import sys
 from typing import NoReturn
 
 
-def fail(message: str) -> NoReturn:
-    """`error: MESSAGE` on stderr, exit status 2."""
+def fail(message: str, code: int = 2) -> NoReturn:
+    """`error: MESSAGE` on stderr and the exit status: 2 for user input, 1 for the output's storage."""
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)
 
 
 def bad(option: str, value, why: str) -> NoReturn:

@@ -16,8 +16,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import model
-
 
 def read_config(path: str, config_class):
     """config_class (model.ModelConfig) from an HF config.json, whose rope settings are

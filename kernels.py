@@ -236,7 +236,7 @@ def _fa4_unsupported_reason(q, k, q_pos, k_pos):
         return "flash_attn.cute (pip install flash-attn-4) does not import"
     if q_pos is not None or k_pos is not None:
         # Explicit positions are fine when they are the defaults (one device sync to check)
-        B, Tq, Tk = q.shape[0], q.shape[1], k.shape[1]
+        Tq, Tk = q.shape[1], k.shape[1]
         if q_pos is not None and not torch.equal(
                 q_pos.to(q.device), torch.arange(Tk - Tq, Tk, device=q.device).expand_as(q_pos)):
             return "q_pos is not arange(Tk - Tq, Tk) for every row: FA4 cannot express it"

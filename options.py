@@ -2,7 +2,7 @@
 
 Design choices
 - Every mistake in the input ends in one line `error: --option ...` that names the option and the
-  value, and exit code 2 (argparse's own errors too, through `Parser`); tracebacks stay for bugs.
+  value, and exit code 2 (argparse's own errors too, through cli.Parser); tracebacks stay for bugs.
 - A table per kind of rule (integer minima, float ranges) so that every option is covered in one
   place and a new one is one line; NaN fails every range (`math.isfinite`).
 - Paths are checked for what the run will do with them (--out a directory, --init-from a checkpoint
@@ -15,8 +15,7 @@ import argparse
 import math
 import os
 
-import torch
-
+import cli
 import env
 import model
 import rundir
@@ -32,13 +31,6 @@ FLOAT_RANGES = {"sft_lr": (0, math.inf, True), "lr": (0, math.inf, True), "grad_
                 "entropy_coef": (-math.inf, math.inf, True), "routing_noise": (0, math.inf, True),
                 "temperature": (0, math.inf, True), "demo_skip_tool": (0, 1, True),
                 "demo_blind_spot": (0, 1, True), "demo_mistake": (0, 1, True)}
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with its errors in the same one-line form as the checks below."""
-
-    def error(self, message):
-        rundir.fail(message)
 
 
 def flag(name: str) -> str:
@@ -87,21 +79,6 @@ def check_paths(args):
                 rundir.fail(f"--init-from {args.init_from!r} has no {needed}")
 
 
-def check_device(device: str):
-    if device == "auto":
-        return
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        rundir.fail(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if chosen.type not in ("cpu", "cuda"):
-        rundir.fail(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        rundir.fail(f"--device {device}: CUDA is not available on this machine (use --device cpu or auto)")
-    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
-        rundir.fail(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-
-
 def parse_mix(text: str) -> dict[str, float]:
     try:
         mix = {key: float(value) for key, value in (pair.split("=") for pair in text.split(","))}
@@ -130,6 +107,7 @@ def checked(args: argparse.Namespace) -> argparse.Namespace:
     check_ranges(args)
     check_combinations(args)
     check_paths(args)
-    check_device(args.device)
+    if args.device != "auto":  # present on this machine (cli.device: the same check as sampler.py's)
+        cli.device("--device", args.device)
     args.sft_mix = parse_mix(args.sft_mix)
     return args

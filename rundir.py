@@ -27,7 +27,8 @@ import math
 import os
 import re
 import shutil
-import sys
+
+import cli
 
 KILL_VARIABLE = "GPTOSS_TEST_KILL_AT"
 LOCK_FILE = ".lock"
@@ -52,10 +53,7 @@ def kill_point(name: str):
         os._exit(137)
 
 
-def fail(message: str, code: int = 2):
-    """One line on stderr and the exit code: user input (2) or the output's storage (1)."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(code)
+fail = cli.fail  # one line on stderr; exit 2 for user input, 1 for the output's storage
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ sequences, prompts of different lengths in one batch, chunks longer than the win
 
 import copy
 import json
-import math
 import os
 
 import pytest

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+import cli
 import distributed
 import env
 import harmony
@@ -60,8 +61,8 @@ TRAIN_MODEL = dict(hidden_size=128, intermediate_size=128, num_hidden_layers=4, 
 
 
 def parse_args(argv=None):
-    p = options.Parser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.Parser(description=__doc__.split("\n\n")[0],
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("task and model")
     g.add_argument("--env", default="mix", choices=["mix", *env.ENVS],
                    help="environment; 'mix' interleaves all of them (seed %% 3 picks one per episode)")
