@@ -9,7 +9,7 @@
     turn = sess.generate(max_new_tokens=256, stop_tokens=STOP, seed=0)  # {row: Completion}, rows pause
     sess.append({0: tool_reply, 3: tool_reply})  # rows 0 and 3 are ready again (sess.finish ends rows)
     turn = sess.generate(max_new_tokens=256)     # rows 0 and 3 only, without recomputing a prefix
-    traj = sess.trajectory(0)  # .tokens, .mask (1 = generated), .logprobs (0.0 where mask is 0)
+    traj = sess.trajectory(0)  # .tokens, .mask (1 = generated), .logprobs (0.0 where mask is 0), .routes
 
 Design choices (each explained where it is made):
 - Log-probs: `.logprobs` under the distribution sampled from (pi_rollout for rollout correction),
