@@ -20,8 +20,7 @@ Design choices (each explained where it is made):
   per active row, the active rows kept at the front of the cache: no gather per step (`Session`).
 - Sampling: one sort for top-k/top-p, then the exponential race: seeded, no host sync (`sample`).
 - Forward: the vocabulary projection only where a token is sampled (`Session._forward`).
-- Routes: every processed position's experts, kept on the device in int8/int16 for MoE routing
-  replay (`Trajectory.routes`, `Session._store_routes`): layers x k bytes a token.
+- Routes: each processed position's experts for routing replay, int8/int16 (`_store_routes`).
 - Weights: shared with the model at its dtype and device, else a copy (`Sampler.update_weights`).
 """
 
