@@ -543,7 +543,7 @@ def open_run(args, d: distributed.Dist, run_dir: str) -> Run:
     full_policy = build_model(args, chat).to(d.device)  # the sampler's weights (and the checkpoints')
     full_policy.set_batch_invariant(args.batch_invariant)  # a deepcopy for the trainer keeps the flag
     if full_policy.config.vocab_size < chat.vocab_size:
-        sys.exit(f"error: the model's vocabulary ({full_policy.config.vocab_size}) is smaller than the "
+        cli.fail(f"the model's vocabulary ({full_policy.config.vocab_size}) is smaller than the "
                  f"tokenizer's ({chat.vocab_size})")
     # The trainer's model: the same module in one process (unless the trainer's attention is
     # changed for an experiment), a sharded copy under torchrun.
@@ -620,7 +620,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     d = distributed.Dist(args.device)
     if d.world > 1 and args.rollout_shards not in (0, d.world):
-        sys.exit(f"error: --rollout-shards must be 0 or the number of processes ({d.world})")
+        cli.fail(f"--rollout-shards must be 0 or the number of processes ({d.world}), got {args.rollout_shards}")
     with rundir.opened(args, d.main, distributed.list_checkpoints) as run_dir:  # locked, checked, cleaned
         run = open_run(args, d, run_dir)
         train(run, begin(run))
