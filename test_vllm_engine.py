@@ -188,6 +188,8 @@ if mode == "exit":
     sys.exit(3)
 for line in sys.stdin:
     req = json.loads(line)
+    if req["op"] == "shutdown":
+        break
     if mode == "hang":
         time.sleep(60)
     if req["op"] == "init":

