@@ -36,7 +36,9 @@ def test_plan_is_the_grid_with_explicit_options():
     warm = [r for r in runs if r.kind == "warm"]
     cells = [r for r in runs if r.kind == "cell"]
     assert [r.name for r in warm] == ["warm-s0", "warm-s1"]
-    assert len(cells) == 3 * 4 * 2 and len([r for r in runs if r.kind == "routing"]) == 2
+    assert len(cells) == 5 * 4 * 2 and len([r for r in runs if r.kind == "routing"]) == 2
+    vllm16 = next(r for r in cells if r.name == "vllm16.seq-mis-s0").argv
+    assert vllm16[vllm16.index("--rollout-engine") + 1] == "vllm" and vllm16[vllm16.index("--vllm-dtype") + 1] == "bfloat16"
     cell = next(r for r in cells if r.name == "nosink.seq-mis-s1")
     a = cell.argv
     assert a[a.index("--trainer-attention") + 1] == "nosink" and a[a.index("--rollout-correction") + 1] == "seq-mis"
