@@ -49,6 +49,7 @@ import torch
 
 import hf_checkpoint
 import sampler
+import vllm_rollout_worker  # only for its file (copied for the worker; runner.py snapshots what is imported)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON_ENV = "GPTOSS_VLLM_PYTHON"  # overrides .venv-vllm/bin/python (the same variable as parity.py's)
@@ -60,7 +61,12 @@ class EngineError(RuntimeError):
 
 
 def default_python() -> str:
-    return os.environ.get(PYTHON_ENV) or os.path.join(HERE, ".venv-vllm", "bin", "python")
+    """$GPTOSS_VLLM_PYTHON, else .venv-vllm beside this file or in the working directory (runner.py
+    runs a snapshot of the code from <out>/runs/.code, with the project as working directory)."""
+    if os.environ.get(PYTHON_ENV):
+        return os.environ[PYTHON_ENV]
+    candidates = [os.path.join(root, ".venv-vllm", "bin", "python") for root in (HERE, os.getcwd())]
+    return next((path for path in candidates if os.path.exists(path)), candidates[0])
 
 
 def check_args(args, fail) -> None:
@@ -113,7 +119,7 @@ class VLLMEngine:
                               f"with `make vllm-venv` (or point {PYTHON_ENV} at one)")
         self.config, self.dtype, self.timeout = net.config, dtype, timeout
         self.max_model_len = max_model_len or net.config.max_position_embeddings
-        self.proc, self.worker = None, worker or os.path.join(HERE, "vllm_rollout_worker.py")  # tests: a fake
+        self.proc, self.worker = None, worker or vllm_rollout_worker.__file__  # tests: a fake
         self.tmp = tempfile.mkdtemp(prefix="vllm-engine-")
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
         self.shm = tempfile.mkdtemp(prefix="vllm-weights-", dir=shm)
