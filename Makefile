@@ -33,6 +33,7 @@ train: $(VENV)/.runtime
 
 # The retrospective at toy scale (experiments.py): about 25 minutes on 2 cores; results/ gets the table and plots.
 experiments: $(VENV)/.runtime
+	$(MAKE) vllm-venv || echo "warning: could not create the vLLM venv; the grid's vLLM rows will fail"
 	$(BIN)/python experiments.py $(ARGS)
 
 test: $(VENV)/.dev
