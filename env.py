@@ -470,6 +470,9 @@ class LookupEnv(Env):
             return completion(final(self.replies[-1]))
         if self.blind or rng.random() < p_skip_tool:  # a guess from the field's range of values
             return completion(final(str(rng.randrange(100, 1000))))
+        return self._search_call(rng, p_mistake)
+
+    def _search_call(self, rng, p_mistake):
         name = self.record["name"]
         if rng.random() < p_mistake and len(self.db) > 1:  # the wrong person: a wrong answer
             name = rng.choice([other["name"] for other in self.db if other is not self.record])
@@ -550,9 +553,60 @@ class GuessEnv(Env):
 
 
 # ----------------------------------------------------------------------------------------------
+# 4. chain (tool chaining, multi-turn): look a value up, compute with it, answer
+
+CHAIN_TIMES = " times "
+
+
+class ChainEnv(LookupEnv):
+    """Answer "What is the FIELD of NAME times K?" (K in 2..9) about lookup's database: search
+    for the value (turn 1), the calculator for VALUE*K (turn 2), the result (turn 3). Tools:
+    search and calculator. Reward calculator_reward: 1 for the exact product.
+
+    The expert's systematic error sits in the second turn: on rooms and badges (two tasks in
+    three) it answers with the looked-up value and forgets the multiplication. Imitating it, a
+    model gets the first turn right and the second one wrong; only a later turn repairs it,
+    which is what RL has to find across turns."""
+    name = "chain"
+    tools = (SEARCH, CALCULATOR)
+    instructions = "Use the search tool to look people up and the calculator for arithmetic. Answer with the number only."
+    default_max_turns = 4
+
+    def _new_task(self, rng):
+        question = super()._new_task(rng)  # sets db, record, attribute; answer is the value
+        self.factor = rng.randint(2, 9)
+        self.answer = int(self.answer) * self.factor
+        return f"{question[:-1]}{CHAIN_TIMES}{self.factor}?"
+
+    def _tool(self, name, args):
+        if name == "calculator":
+            return CalculatorEnv._tool(self, name, args)
+        return super()._tool(name, args)
+
+    def _final(self, answer):
+        reward = calculator_reward(answer, self.answer)
+        return reward, reward == 1.0, "correct" if reward == 1.0 else "wrong_answer"
+
+    def in_blind_spot(self):
+        return self.attribute != "locker"
+
+    def expert_action(self, rng=None, p_skip_tool=0.0, p_mistake=0.0):
+        rng = rng or random.Random()
+        if len(self.replies) == 1:  # the looked-up value: multiply, or (blind) answer with it
+            if self.blind:
+                return completion(final(self.replies[0]))
+            return completion(tool_call("calculator", {"expr": f"{self.replies[0]}*{self.factor}"}))
+        if self.replies:  # copy the calculator's result
+            return completion(final(self.replies[-1]))
+        if rng.random() < p_skip_tool:
+            return completion(final(_memory_answer(self.answer, rng)))
+        return self._search_call(rng, p_mistake)
+
+
+# ----------------------------------------------------------------------------------------------
 # Mixture and factory
 
-ENVS = {"calculator": CalculatorEnv, "lookup": LookupEnv, "guess": GuessEnv}
+ENVS = {"calculator": CalculatorEnv, "lookup": LookupEnv, "guess": GuessEnv, "chain": ChainEnv}
 
 
 class MixEnv:
@@ -605,7 +659,7 @@ def make_env(name: str, tokenizer: Tokenizer | Harmony | str | None = None, comp
 # ----------------------------------------------------------------------------------------------
 # The toy tokenizer: bytes, the harmony specials, and these environments' recurring pieces
 
-TOOL_NAMES = tuple(tool.name for env_class in ENVS.values() for tool in env_class.tools)  # calculator, search, guess
+TOOL_NAMES = tuple(dict.fromkeys(tool.name for env_class in ENVS.values() for tool in env_class.tools))  # calculator, search, guess
 
 
 def toy_pieces() -> list[str]:
@@ -619,7 +673,7 @@ def toy_pieces() -> list[str]:
         pieces += [f"functions.{name}", f" to=functions.{name}", f"commentary to=functions.{name} ",
                    f"functions.{name} to=assistant"]
     pieces += ['{"expr":"', '{"q":"', '","field":"', '{"n":', '"}', "error: ", "no match", "higher", "lower", "correct"]
-    pieces += [CALC_QUESTION, LOOKUP_QUESTION, " of ", GUESS_QUESTION]
+    pieces += [CALC_QUESTION, LOOKUP_QUESTION, " of ", GUESS_QUESTION, CHAIN_TIMES]
     pieces += list(ATTRIBUTES)
     assert len(set(pieces)) == len(pieces)
     return pieces

@@ -8,8 +8,8 @@ import pytest
 import env
 from harmony import CALL, END, RETURN, START, Harmony, Message, tool_reply
 
-NAMES = ("calculator", "lookup", "guess")
-TOOL_OF = {"calculator": "calculator", "lookup": "search", "guess": "guess"}
+NAMES = ("calculator", "lookup", "guess", "chain")
+TOOL_OF = {"calculator": "calculator", "lookup": "search", "guess": "guess", "chain": "search"}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,8 @@ def test_imperfect_expert_stays_well_formed_and_leaves_room(name):
 
 
 @pytest.mark.parametrize("name,kind", [("calculator", lambda e: "+" in e.expr.split("*")[0]),
-                                       ("lookup", lambda e: e.attribute == "locker")])
+                                       ("lookup", lambda e: e.attribute == "locker"),
+                                       ("chain", lambda e: e.attribute != "locker")])
 def test_blind_spot_errs_on_one_kind_of_question_only(name, kind):
     e = env.make_env(name)
     for s in range(60):
@@ -103,8 +104,11 @@ def test_blind_spot_errs_on_one_kind_of_question_only(name, kind):
         text = e.harmony.decode(ep.token_ids)
         if name == "calculator":  # the precedence misread: (a+b)*c
             assert ("(" in text.split("<|call|>")[0]) == kind(e)
-        else:  # lockers answered from memory at once
+        elif name == "lookup":  # lockers answered from memory at once
             assert (ep.turns == 1) == kind(e)
+        else:  # the first turn searches either way; the second forgets the multiplication
+            assert "functions.search" in text.split("<|call|>")[0]
+            assert (ep.turns == 2 and "functions.calculator" not in text) == kind(e)
     assert not env.make_env("guess").in_blind_spot()  # every guess prompt is the same: no kind to single out
 
 
@@ -145,7 +149,7 @@ def test_random_policy_gets_little(name, harmony):
             if st.done:
                 total += st.reward
                 break
-    assert total / 300 < {"calculator": 0.02, "lookup": 0.15, "guess": 0.35}[name]
+    assert total / 300 < {"calculator": 0.02, "lookup": 0.15, "guess": 0.35, "chain": 0.02}[name]
 
 
 def test_calculator_episode_details():
@@ -419,12 +423,12 @@ def test_mixture_and_factory():
     m = env.make_env("mix")
     assert m.stop_token_ids == env.make_env("guess").stop_token_ids
     seen = []
-    for seed in range(6):
+    for seed in range(8):
         ep = m.expert_episode(seed)
         seen.append(ep.info["env"])
         assert ep.reward == 1.0
         assert m.reset(seed).text == env.make_env(seen[-1]).reset(seed).text
-    assert seen == ["calculator", "lookup", "guess"] * 2
+    assert seen == ["calculator", "lookup", "guess", "chain"] * 2
     m.reset(2)
     assert m.step(m.expert_action()).info["env"] == "guess"
     with pytest.raises(ValueError, match="unknown environment"):
