@@ -30,7 +30,6 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------------------
 # Configuration
 
-
 YARN_ROPE = {  # GPT-OSS's rope_parameters (SPEC 1)
     "rope_type": "yarn",
     "rope_theta": 150000.0,
@@ -493,8 +492,7 @@ class Experts(nn.Module):
         return gate * torch.sigmoid(self.alpha * gate) * (lin + 1)
 
     def mlp(self, e: int, x):
-        """Expert e on its rows x (n, H) -> (n, H). The reference that forward() computes for
-        every expert at once."""
+        """Expert e on its rows x (n, H) -> (n, H): the reference for grouped_mlp's every expert at once."""
         h = x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]  # (n, 2I)
         return self.activation(h) @ self.down_proj[e] + self.down_proj_bias[e]
 
@@ -510,8 +508,10 @@ class Experts(nn.Module):
     def grouped_mlp(self, rows, expert, ends):
         """Every expert's MLP on its own rows: rows (S, H) grouped by expert, expert (S,) the
         expert of each row, ends (E,) where each expert's rows end -> (S, H)."""
-        h = self.expert_matmul(rows, self.gate_up_proj, ends) + self.gate_up_proj_bias[expert]  # (S, 2I)
-        return self.expert_matmul(self.activation(h), self.down_proj, ends) + self.down_proj_bias[expert]
+        # index_select: bias[expert]'s backward (index_put_) adds with atomics, in a run-dependent order
+        bias_up, bias_down = (bias.index_select(0, expert) for bias in (self.gate_up_proj_bias, self.down_proj_bias))
+        h = self.expert_matmul(rows, self.gate_up_proj, ends) + bias_up  # (S, 2I)
+        return self.expert_matmul(self.activation(h), self.down_proj, ends) + bias_down
 
     def forward(self, x, expert_idx, weights):
         """x (N, H); expert_idx, weights (N, k) -> sum_k weights * expert(x), (N, H).
@@ -524,7 +524,7 @@ class Experts(nn.Module):
         expert, order = torch.sort(flat, stable=True)  # pairs grouped by expert
         # (E,) rows per expert; not bincount, whose output size depends on the data (torch.compile)
         counts = flat.new_zeros(self.gate_up_proj.shape[0]).index_add_(0, flat, torch.ones_like(flat))
-        rows = x[order // k]  # (N*k, H): each pair's token, in expert order
+        rows = x.index_select(0, order // k)  # (N*k, H): each pair's token, in expert order (as above)
         if self.kernels.batch_invariant:  # every expert multiplies a multiple of 8 rows
             y = fast_path("invariant").padded_groups(self.grouped_mlp, rows, expert, counts)
         else:
