@@ -210,9 +210,8 @@ class VLLMEngine:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
-        for path in (self.tmp, self.shm):
-            if not self.log_path.startswith(path):
-                shutil.rmtree(path, ignore_errors=True)
+        for path in (self.tmp, self.shm):  # train.py's log is <run>/vllm.log, kept
+            shutil.rmtree(path, ignore_errors=True)
 
     # -- the sampler's interface -----------------------------------------------------------------
 
@@ -256,8 +255,9 @@ def _routes(row: dict, length: int, layers: int, k: int) -> torch.Tensor:
 
 
 class VLLMSession(sampler.Session):
-    """sampler.Session's bookkeeping (tokens, mask, log-probs, row states, append, finish,
-    trajectories) with vLLM generating each turn from the rows' whole prefixes."""
+    """sampler.Session's bookkeeping (tokens, mask, log-probs, row states, append, finish) with
+    vLLM generating each turn from the rows' whole prefixes; no KV cache of its own (the sampler's
+    cache methods are not used)."""
 
     def __init__(self, engine: VLLMEngine, prompts, max_len: int | None = None):  # no KV cache here
         cfg = engine.config
@@ -278,10 +278,8 @@ class VLLMSession(sampler.Session):
         self.route_rows = [None] * len(prompts)
 
     def trajectory(self, row: int, routes=None) -> sampler.Trajectory:
-        routes = self.route_rows[row]
-        if routes is None:
-            routes = {"routes": None}
-        routes = _routes(routes, len(self.tokens[row]), self.cfg.num_hidden_layers, self.cfg.num_experts_per_tok)
+        routes = _routes(self.route_rows[row] or {}, len(self.tokens[row]), self.cfg.num_hidden_layers,
+                         self.cfg.num_experts_per_tok)
         route_dtype = torch.int8 if self.cfg.num_local_experts <= 127 else torch.int16
         return sampler.Trajectory(list(self.tokens[row]), list(self.mask[row]), list(self.logprobs[row]),
                                   list(self.raw_logprobs[row]), self.prompt_lens[row],
@@ -342,7 +340,7 @@ def make(args, net: torch.nn.Module, run_dir: str, fail) -> VLLMEngine:
         return VLLMEngine(net, args.vllm_dtype, log_path=os.path.join(run_dir, "vllm.log"),
                           require_routes=args.routing_replay == "r3", seed=args.seed)
     except EngineError as e:
-        fail(f"{e} (nothing was trained)", code=1)
+        fail(f"{e} (the run did not start)", code=1)
 
 
 @contextlib.contextmanager
