@@ -11,7 +11,9 @@ Design choices
   run's checkpoints is refused unless --resume or --overwrite.
 - The KL term's reference policy is the starting policy, saved once in <run>/reference beside the
   rolling checkpoints (which pruning deletes), so a resumed run uses the same one.
-- metrics.jsonl is strict JSON: a non-finite number is written as null.
+- metrics.jsonl is strict JSON: a non-finite number is written as null. timing.jsonl holds the
+  wall clock, and the profile: seconds per phase (warm start, rollouts, update, sync, evaluation,
+  checkpoints), kept apart so that metrics.jsonl is the same bits on every rerun.
 - A full disk or a read-only directory ends the run with one line naming the file (exit 1); the
   last checkpoint stays intact since it was renamed into place whole.
 - Tests kill a run at a named point (GPTOSS_TEST_KILL_AT=<point>, see `kill_point`): deterministic,
@@ -20,6 +22,7 @@ Design choices
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import json
@@ -27,6 +30,7 @@ import math
 import os
 import re
 import shutil
+import time
 
 import cli
 
@@ -252,3 +256,57 @@ def json_line(row: dict) -> str:
     """One strict JSON line: non-finite numbers (NaN, inf) become null."""
     clean_row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
     return json.dumps(clean_row, allow_nan=False) + "\n"
+
+
+@contextlib.contextmanager
+def no_span(phase: str = ""):
+    yield
+
+
+class Log:
+    """metrics.jsonl (deterministic) and timing.jsonl (wall clock), appended line by line, and
+    the profile: seconds per phase (`with log.span("rollouts"): ...`), in each timing row since
+    the one before, and summed over the run in `profile()`."""
+
+    def __init__(self, run_dir: str, keep_lines: int | None, write: bool = True, drop: list = ()):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.timing = os.path.join(run_dir, "timing.jsonl")
+        self.rows: list[dict] = []
+        self.write, self.t0 = write, time.time()  # write: this is the rank that logs
+        self.spent, self.total = collections.Counter(), collections.Counter()
+        if keep_lines is not None:  # resume: drop what was logged after the checkpoint, and the keys
+            with open(self.path) as f:  # of an evaluation off the schedule (`drop`: the run's last step)
+                self.rows = [json.loads(line) for line in f.read().splitlines()[:keep_lines]]  # not a torn last line
+            for key in drop:
+                self.rows[-1].pop(key, None)
+        if write:  # strict JSON (json_line: NaN -> null), never half rewritten
+            write_atomically(self.path, "".join(map(json_line, self.rows)))
+            if keep_lines is None:
+                open(self.timing, "w").close()
+
+    def __call__(self, row: dict):
+        self.rows.append(row)
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(json_line(row))
+
+    @contextlib.contextmanager
+    def span(self, phase: str):
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.spent[phase] += time.time() - start
+
+    def time(self, **row):
+        spent, self.spent = self.spent, collections.Counter()
+        self.total.update(spent)
+        if self.write:
+            with open(self.timing, "a") as f:
+                f.write(json_line({**row, **{f"{k}_s": round(v, 3) for k, v in spent.items()},
+                                   "wall_s": round(time.time() - self.t0, 3)}))
+
+    def profile(self) -> str:
+        """Where the run's time went, e.g. "warm_start 150 s, rollouts 60 s, ..."."""
+        total = self.total + self.spent
+        return ", ".join(f"{phase} {seconds:.0f} s" for phase, seconds in total.items())

@@ -325,7 +325,7 @@ def test_rope_parameters_as_a_string_names_the_field(checkpoint):
 
 
 def test_metrics_jsonl_is_strict_json_with_null_for_non_finite(tmp_path):
-    log = train.Log(str(tmp_path), keep_lines=None)
+    log = rundir.Log(str(tmp_path), keep_lines=None)
     log({"phase": "rl", "step": 1, "loss": float("nan"), "grad_norm": float("inf"), "reward": 0.5})
 
     def refuse(constant):
