@@ -100,6 +100,7 @@ RL_OPTIONS = {  # the grid's runs
     "--group-size": (8, "rollouts per episode"),
     "--lr": (3e-4, "RL learning rate"),
     "--grad-clip": (1.0, "max gradient norm (the table reports the norm before clipping)"),
+    "--stop-at": (0.0, "train.py's early stop (0: off, every run takes all its steps, so the grid compares them)"),
 }
 
 

@@ -31,7 +31,7 @@ FLOAT_RANGES = {"sft_lr": (0, math.inf, True), "lr": (0, math.inf, True), "grad_
                 "clip_low": (0, 1, True), "clip_high": (0, math.inf, True), "kl_coef": (0, math.inf, True),
                 "entropy_coef": (-math.inf, math.inf, True), "routing_noise": (0, math.inf, True),
                 "temperature": (0, math.inf, True), "demo_skip_tool": (0, 1, True),
-                "demo_blind_spot": (0, 1, True), "demo_mistake": (0, 1, True)}
+                "demo_blind_spot": (0, 1, True), "demo_mistake": (0, 1, True), "stop_at": (0, 1, True)}
 
 
 def flag(name: str) -> str:

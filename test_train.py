@@ -30,8 +30,10 @@ def test_run_writes_metrics_and_a_checkpoint_that_loads(tmp_path):
     assert [r["step"] for r in rl] == [1, 2]
     for key in ("reward", "success", "response_length", "pg_loss", "pg_clipfrac", "ppo_kl", "entropy",
                 "grad_norm", "rollout_corr/kl", "rollout_corr/k3_kl", "rollout_corr/chi2_token",
-                "eval/calculator/success", "eval/guess/success_sampled", "eval/lookup/reward"):
+                "eval/calculator/success", "eval/chain/success", "eval/lookup/reward"):
         assert all(key in r for r in rl), key
+    # sampled evaluations: after the warm start and at the end (RL's scheduled ones are greedy)
+    assert [r["step"] for r in rows if "eval/guess/success_sampled" in r] == [0, 2]
     assert all(r["pg_clipfrac"] == 0.0 and r["ppo_kl"] == 0.0 for r in rl)  # exactly on-policy
     ckpt = distributed.list_checkpoints(tmp_path / "a")[-1]
     assert ckpt.endswith("step-000002")
@@ -102,3 +104,42 @@ def test_two_processes_with_fsdp2_match_one_process(tmp_path):
     p2 = model.Transformer.from_pretrained(distributed.list_checkpoints(tmp_path / "two")[-1])  # rank 0's full gather
     worst = max((x - y).abs().max().item() for x, y in zip(p1.parameters(), p2.parameters()))
     assert worst <= 1e-5, worst
+
+
+def test_two_thread_runs_are_bit_identical(tmp_path):
+    """The make-train model on 2 threads, twice, and a resumed run: identical metrics.jsonl.
+    (With the experts' biases gathered as bias[expert], whose backward adds with atomics, the
+    runs drifted apart from the first supervised step.)"""
+    args = ["--threads", "2", "--sft-steps", "6", "--steps", "2", "--eval-every", "1", "--eval-episodes", "3",
+            "--save-every", "1", "--out", str(tmp_path)]
+    root = os.path.dirname(os.path.abspath(__file__))
+
+    def metrics(name, *extra):
+        done = subprocess.run([sys.executable, "train.py", *args, "--name", name, *extra], cwd=root,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        with open(tmp_path / name / "metrics.jsonl", "rb") as f:
+            return f.read()
+
+    first = metrics("a")
+    assert metrics("b") == first
+    metrics("c", "--steps", "1")
+    assert metrics("c", "--resume") == first
+
+
+def test_rl_stops_once_the_target_held_for_two_evaluations(tmp_path, monkeypatch, capsys):
+    """--stop-at: two evaluations in a row at the target end RL (with a checkpoint and the full
+    evaluation); resuming the stopped run has nothing to do. A target of 0 runs every step."""
+    def solved(engine, args, chat, greedy=True, sampled=True):
+        modes = [""] * greedy + ["_sampled"] * sampled
+        return {f"eval/{name}/{what}{mode}": 1.0 for name in train.env_names(args) for what in ("success", "reward")
+                for mode in modes}
+    monkeypatch.setattr(train, "evaluate", solved)
+    rows = run(tmp_path, "a", "--steps", "6", "--stop-at", "0.9")
+    assert [r["step"] for r in rows if r["phase"] == "rl"] == [1, 2]
+    assert "eval/lookup/success_sampled" in rows[-1]
+    assert "stopped at step 2" in capsys.readouterr().out
+    assert distributed.list_checkpoints(tmp_path / "a")[-1].endswith("step-000002")
+    run(tmp_path, "a", "--steps", "6", "--stop-at", "0.9", "--resume")
+    assert "nothing to do" in capsys.readouterr().out
+    assert len([r for r in run(tmp_path, "b", "--steps", "3", "--stop-at", "0") if r["phase"] == "rl"]) == 3

@@ -15,7 +15,6 @@ import torch
 import distributed
 import model
 import parity
-import sampler
 import train
 import vllm_engine
 

@@ -14,11 +14,13 @@ What the algorithm really is:
    and one mini-batch the update is exactly on-policy: old log-probs are logp.detach(), the
    ratio is exactly 1 and nothing is clipped; the importance weights pi_old / pi_rollout then
    measure only the sampler/trainer mismatch, which is logged every step (rollout_corr/*).
-5. Evaluation on held-out seeds (greedy and sampled), per environment; HF-format checkpoints
-   written atomically; --resume continues bit for bit.
+5. Evaluation on held-out seeds, per environment: greedy every --eval-every steps, sampled too
+   after the warm start and at the end; RL stops once every environment has held --stop-at for
+   two evaluations. HF-format checkpoints written atomically; --resume continues bit for bit.
 
 Every run writes runs/<name>/metrics.jsonl (one JSON object per line, deterministic for a
-seed), timing.jsonl (wall-clock times, which are not), checkpoints and a PNG of the curves.
+seed, on any number of threads), timing.jsonl (wall-clock times and the profile: seconds per
+phase), checkpoints and a PNG of the curves.
 Under torchrun the trainer's model is sharded with FSDP2 (distributed.py); one process is the
 same loop with every collective a no-op.
 """
@@ -27,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import math
 import os
 import random
 import sys
@@ -77,18 +77,19 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace the checkpoints of a run already in <out>/<name>")
     g = p.add_argument_group("warm start (supervised, on imperfect expert demonstrations)")
-    g.add_argument("--sft-steps", type=int, default=1000, help="supervised steps (0: none)")
+    g.add_argument("--sft-steps", type=int, default=500, help="supervised steps (0: none)")
     g.add_argument("--sft-batch", type=int, default=32, help="demonstrations per supervised step")
     g.add_argument("--sft-lr", type=float, default=3e-3, help="supervised learning rate")
     g.add_argument("--demo-skip-tool", type=float, default=0.2,
                    help="probability that a demonstration answers from memory instead of calling the tool")
     g.add_argument("--demo-blind-spot", type=float, default=0.75,
                    help="probability of the expert's systematic error on one kind of question: calculator a+b*c "
-                        "typed as (a+b)*c, lookup questions about lockers answered from memory; above 0.5 the "
+                        "typed as (a+b)*c, lookup questions about lockers answered from memory, chain answered "
+                        "with the looked-up value unmultiplied (rooms, badges); above 0.5 the "
                         "warm-started model makes it greedily, and RL has to find and fix it")
     g.add_argument("--demo-mistake", type=float, default=0.2,
                    help="probability of a wrong step in a demonstration (typo, wrong name, non-bisecting guess)")
-    g.add_argument("--sft-mix", default="calculator=2,lookup=1,guess=1",
+    g.add_argument("--sft-mix", default="calculator=2,lookup=1,guess=2,chain=2",
                    help="with --env mix: relative share of each environment in the demonstrations")
     g = p.add_argument_group("reinforcement learning")
     g.add_argument("--steps", type=int, default=100, help="RL steps (one rollout batch and update each)")
@@ -143,8 +144,12 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
     g.add_argument("--max-new-tokens", type=int, default=40, help="token limit of one assistant turn")
     g = p.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-every", type=int, default=10, help="evaluate every N RL steps (and at the end)")
+    g.add_argument("--eval-every", type=int, default=5,
+                   help="evaluate every N RL steps, greedy (and at the end, greedy and sampled)")
     g.add_argument("--eval-episodes", type=int, default=48, help="held-out episodes per environment")
+    g.add_argument("--stop-at", type=float, default=0.9,
+                   help="stop RL once held-out greedy success is at least this on every environment at two "
+                        "evaluations in a row (0: run all --steps)")
     g.add_argument("--save-every", type=int, default=20, help="checkpoint every N RL steps (and at the end)")
     g.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     g = p.add_argument_group("devices and processes (torchrun --nproc_per_node=N train.py ... shards with FSDP2)")
@@ -296,15 +301,22 @@ def demonstrations(envs: list, seeds: list[int], args, buckets: int):
             for part in (eps[i:i + size] for i in range(0, len(eps), size))]
 
 
+def sft_lr(args, step: int) -> float:
+    """Warmup (20 steps), constant, then a linear decay to 0 over the last quarter: near the peak
+    for most steps, where a cosine spends half of them below half of it."""
+    decay = max(1, args.sft_steps // 4)
+    return args.sft_lr * min(1.0, step / 20) * min(1.0, (args.sft_steps - step) / decay)
+
+
 def warm_start(policy, args, chat, log, d: distributed.Dist):
     """Supervised steps on demonstrations: cross-entropy on the expert's tokens only, averaged
-    over all of them (bucket by bucket, gradients accumulated); warmup then cosine decay.
+    over all of them (bucket by bucket, gradients accumulated); the schedule is sft_lr.
     With several ranks each takes its share of the batch."""
     pool = EnvPool(chat)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.sft_lr, betas=(0.9, 0.99), weight_decay=0.0)
     bar = tqdm(range(1, args.sft_steps + 1), desc="warm start", dynamic_ncols=True, disable=not d.main)
     for step in bar:
-        lr = args.sft_lr * min(1.0, step / 20) * 0.5 * (1 + math.cos(math.pi * step / args.sft_steps))
+        lr = sft_lr(args, step)
         for group in opt.param_groups:
             group["lr"] = lr
         seeds = [(args.seed * 7919 + step) * args.sft_batch + i for i in range(args.sft_batch)]
@@ -327,13 +339,14 @@ def warm_start(policy, args, chat, log, d: distributed.Dist):
 
 
 @torch.no_grad()
-def evaluate(engine, args, chat) -> dict:
-    """Held-out success and reward per environment, greedy and sampled (temperature 1)."""
+def evaluate(engine, args, chat, greedy: bool = True, sampled: bool = True) -> dict:
+    """Held-out success and reward per environment, greedy and/or sampled (temperature 1)."""
     out = {}
     n = args.eval_episodes
+    modes = [("", 0.0)] * greedy + [("_sampled", 1.0)] * sampled
     for name in env_names(args):
         seeds = [EVAL_SEED_BASE + i for i in range(n)]
-        for mode, temp in (("", 0.0), ("_sampled", 1.0)):
+        for mode, temp in modes:
             eps = play(engine, EnvPool(chat).take([name] * n), seeds, temperature=temp,
                        max_new_tokens=args.max_new_tokens, sample_seed=args.seed + 17)
             out[f"eval/{name}/success{mode}"] = eps.success.float().mean().item()
@@ -364,9 +377,16 @@ def rollouts(engine, pool: EnvPool, args, step: int, mix: dict, d: distributed.D
 
 
 def rl_step(policy, engine, opt, pool: EnvPool, args, step: int, mix: dict, d: distributed.Dist,
-            ref_policy=None) -> dict:
-    """Rollouts (this rank's shards) -> advantages -> PPO update(s) -> metrics of the whole batch."""
-    eps = rollouts(engine, pool, args, step, mix, d)
+            ref_policy=None, span=rundir.no_span) -> dict:
+    """Rollouts (this rank's shards), then the update; span(phase) times each (the profile)."""
+    with span("rollouts"):
+        eps = rollouts(engine, pool, args, step, mix, d)
+    with span("update"):
+        return update(policy, opt, eps, args, step, d, ref_policy)
+
+
+def update(policy, opt, eps: Episodes, args, step: int, d: distributed.Dist, ref_policy=None) -> dict:
+    """Advantages -> PPO update(s) -> metrics of the whole batch."""
     tokens, mask = eps.tokens, eps.mask[:, 1:].to(d.device)  # mask and log-probs aligned with predicted tokens
     rollout_logp = eps.rollout_logp[:, 1:].to(d.device)
     advantages = ppo.compute_advantages(eps.rewards, args.group_size, args.advantage).to(d.device)
@@ -454,37 +474,6 @@ class perturbed_routing:
 # Main: open the run, warm start (or resume), the RL steps, the summary
 
 
-class Log:
-    """metrics.jsonl (deterministic) and timing.jsonl (wall clock), appended line by line."""
-
-    def __init__(self, run_dir: str, keep_lines: int | None, write: bool = True, drop: list = ()):
-        self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.timing = os.path.join(run_dir, "timing.jsonl")
-        self.rows: list[dict] = []
-        self.write, self.t0 = write, time.time()  # write: this is the rank that logs
-        if keep_lines is not None:  # resume: drop what was logged after the checkpoint, and the keys
-            with open(self.path) as f:  # of an evaluation off the schedule (`drop`: the run's last step)
-                self.rows = [json.loads(line) for line in f.read().splitlines()[:keep_lines]]  # not a torn last line
-            for key in drop:
-                self.rows[-1].pop(key, None)
-        if write:  # strict JSON (rundir.json_line: NaN -> null), never half rewritten
-            rundir.write_atomically(self.path, "".join(map(rundir.json_line, self.rows)))
-            if keep_lines is None:
-                open(self.timing, "w").close()
-
-    def __call__(self, row: dict):
-        self.rows.append(row)
-        if self.write:
-            with open(self.path, "a") as f:
-                f.write(rundir.json_line(row))
-
-    def time(self, **row):
-        if not self.write:
-            return
-        with open(self.timing, "a") as f:
-            f.write(rundir.json_line({**row, "wall_s": round(time.time() - self.t0, 3)}))
-
-
 def build_model(args, chat) -> model.Transformer:
     if args.init_from:
         return options.init_model(args.init_from)  # a bad checkpoint: one line naming its file and tensor
@@ -517,29 +506,33 @@ class Run:
     policy: model.Transformer  # the trainer's: full_policy itself, a copy (--trainer-attention) or an FSDP2 shard
     engine: sampler.Sampler  # plays rollouts and evaluations with full_policy's weights
     opt: torch.optim.Optimizer | None = None
-    log: Log | None = None
+    log: rundir.Log | None = None
     warm_eval: dict = field(default_factory=dict)
     last_eval: dict = field(default_factory=dict)  # the last scheduled evaluation (the curriculum's)
-    final_eval: dict = field(default_factory=dict)  # the evaluation a run ends with, when off the schedule
+    final_eval: dict = field(default_factory=dict)  # what the run's end adds to its last evaluation
 
     def new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.policy.parameters(), lr=self.args.lr, betas=(0.9, 0.99), weight_decay=0.0)
 
     def refresh(self):
         """The sampler sees the trainer's latest weights."""
-        self.d.gather_into(self.policy, self.full_policy)
-        self.engine.update_weights(self.full_policy)
+        with self.log.span("sync"):
+            self.d.gather_into(self.policy, self.full_policy)
+            self.engine.update_weights(self.full_policy)
 
-    def evaluate_all(self) -> dict:
+    def evaluate_all(self, greedy: bool = True, sampled: bool = True) -> dict:
         """Rank 0 evaluates with the full weights; every rank gets the numbers."""
-        return self.d.broadcast(evaluate(self.engine, self.args, self.chat) if self.d.main else None)
+        with self.log.span("evaluation"):
+            out = evaluate(self.engine, self.args, self.chat, greedy, sampled) if self.d.main else None
+            return self.d.broadcast(out)
 
     def save(self, step: int) -> str | None:
         """A checkpoint (distributed.save_checkpoint) that --resume continues from bit for bit."""
-        return distributed.save_checkpoint(self.run_dir, self.full_policy, self.policy, self.opt,
-                                           self.chat.tokenizer, {"step": step, "metrics_lines": len(self.log.rows),
-                                           "warm_eval": self.warm_eval, "last_eval": self.last_eval,
-                                           "unscheduled_eval": list(self.final_eval)}, self.d)
+        with self.log.span("checkpoints"):
+            return distributed.save_checkpoint(self.run_dir, self.full_policy, self.policy, self.opt,
+                                               self.chat.tokenizer, {"step": step, "metrics_lines": len(self.log.rows),
+                                               "warm_eval": self.warm_eval, "last_eval": self.last_eval,
+                                               "unscheduled_eval": list(self.final_eval)}, self.d)
 
 
 def open_run(args, d: distributed.Dist, run_dir: str) -> Run:
@@ -571,15 +564,16 @@ def begin(run: Run) -> int:
     if ckpts:
         run.opt = run.new_optimizer()
         state = distributed.load_checkpoint(ckpts[-1], run.full_policy, run.policy, run.opt)
-        run.log = Log(run.run_dir, state["metrics_lines"], d.main, drop=state.get("unscheduled_eval", []))
+        run.log = rundir.Log(run.run_dir, state["metrics_lines"], d.main, drop=state.get("unscheduled_eval", []))
         run.warm_eval, run.last_eval = state["warm_eval"], state["last_eval"]
         run.refresh()
         if d.main:
             print(f"resumed from {ckpts[-1]} (step {state['step']})")
         return state["step"] + 1
-    run.log = Log(run.run_dir, keep_lines=None, write=d.main)
+    run.log = rundir.Log(run.run_dir, keep_lines=None, write=d.main)
     if not args.init_from and args.sft_steps:
-        warm_start(run.policy, args, run.chat, run.log, d)
+        with run.log.span("warm_start"):
+            warm_start(run.policy, args, run.chat, run.log, d)
     run.log.time(phase="warm_start_done")
     run.refresh()
     run.warm_eval = run.last_eval = run.evaluate_all()
@@ -597,28 +591,47 @@ def train(run: Run, start: int):
     if args.kl_coef > 0:  # the reference policy: the starting one (the warm start), on resume too
         ref_policy = distributed.load_reference(run.run_dir, d.device)
     pool, failures = EnvPool(run.chat), 0
+    if held_target(run.log.rows, args):  # a resumed run that had stopped
+        print(f"nothing to do: {run.run_dir} stopped at step {start - 1} (--stop-at {args.stop_at}); "
+              f"pass --stop-at 0 to continue it")
+        return
     bar = tqdm(range(start, args.steps + 1), desc="RL", dynamic_ncols=True, initial=start - 1, total=args.steps,
                disable=not d.main)
     for step in bar:
         metrics = rl_step(run.policy, run.engine, run.opt, pool, args, step, curriculum(args, run.last_eval), d,
-                          ref_policy)
+                          ref_policy, run.log.span)
         run.refresh()
         failures = failures + 1 if metrics["skipped_updates"] else 0
         if failures >= 5:
             sys.exit(f"error: non-finite loss or gradients in 5 consecutive steps (last at step {step}); "
                      f"lower --lr or check the inputs")
-        if step % args.eval_every == 0:
-            run.last_eval = run.evaluate_all()
+        scheduled = step % args.eval_every == 0
+        if scheduled:  # greedy only: the curriculum's and --stop-at's numbers
+            run.last_eval = run.evaluate_all(sampled=False)
             metrics.update(run.last_eval)
-        elif step == args.steps:  # a run ends with an evaluation; off the schedule, a resume drops it
-            run.final_eval = run.evaluate_all()
+        stop = scheduled and held_target(run.log.rows + [metrics], args)
+        if stop or step == args.steps:  # a run ends with a full evaluation; a resume drops what was off the schedule
+            run.final_eval = run.evaluate_all(greedy=not scheduled)
             metrics.update(run.final_eval)
         run.log(metrics)
         run.log.time(phase="rl", step=step, **vllm_engine.timing(run.engine))
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics['rollout_corr/kl']:.1e}",
                         eval=" ".join(f"{v:.2f}" for k, v in run.last_eval.items() if k.endswith("/success")))
-        if step % args.save_every == 0 or step == args.steps:
+        if step % args.save_every == 0 or step == args.steps or stop:
             run.save(step)
+        if stop:
+            bar.close()
+            print(f"stopped at step {step}: held-out greedy success >= {args.stop_at} on every environment "
+                  f"at two evaluations in a row (--stop-at)")
+            return
+
+
+def held_target(rows: list[dict], args) -> bool:
+    """--stop-at: the last two RL evaluations had held-out greedy success of at least the target
+    on every environment (more steps would train a solved task; the budget goes elsewhere)."""
+    evals = [row for row in rows if row.get("phase") == "rl" and any(k.startswith("eval/") for k in row)]
+    return args.stop_at > 0 and len(evals) >= 2 and all(
+        row[f"eval/{name}/success"] >= args.stop_at for row in evals[-2:] for name in env_names(args))
 
 
 def main(argv=None):
@@ -634,7 +647,7 @@ def main(argv=None):
         with vllm_engine.closing(run.engine, run_dir, distributed.list_checkpoints, cli.fail):
             train(run, begin(run))
             if d.main:
-                summarize(run.run_dir, run.log, run.warm_eval, run.final_eval or run.last_eval)
+                summarize(run.run_dir, run.log, run.warm_eval, {**run.last_eval, **run.final_eval})
     d.close()
 
 
@@ -643,7 +656,7 @@ def summarize(run_dir, log, warm_eval, last_eval):
     print(f"\n{'held-out':<34}{'after warm start':>18}{'after RL':>12}")
     for key in sorted(last_eval):
         print(f"{key:<34}{warm_eval.get(key, float('nan')):>18.3f}{last_eval[key]:>12.3f}")
-    print(f"wall time {time.time() - log.t0:.0f} s; metrics in {log.path}")
+    print(f"wall time {time.time() - log.t0:.0f} s ({log.profile()}); metrics in {log.path}")
     try:
         import matplotlib
         matplotlib.use("Agg")
