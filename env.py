@@ -584,8 +584,7 @@ class ChainEnv(LookupEnv):
         return super()._tool(name, args)
 
     def _final(self, answer):
-        reward = calculator_reward(answer, self.answer)
-        return reward, reward == 1.0, "correct" if reward == 1.0 else "wrong_answer"
+        return CalculatorEnv._final(self, answer)  # the exact number
 
     def in_blind_spot(self):
         return self.attribute != "locker"
