@@ -258,11 +258,6 @@ def json_line(row: dict) -> str:
     return json.dumps(clean_row, allow_nan=False) + "\n"
 
 
-@contextlib.contextmanager
-def no_span(phase: str = ""):
-    yield
-
-
 class Log:
     """metrics.jsonl (deterministic) and timing.jsonl (wall clock), appended line by line, and
     the profile: seconds per phase (`with log.span("rollouts"): ...`), in each timing row since

@@ -28,6 +28,7 @@ same loop with every collective a no-op.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import random
@@ -377,7 +378,7 @@ def rollouts(engine, pool: EnvPool, args, step: int, mix: dict, d: distributed.D
 
 
 def rl_step(policy, engine, opt, pool: EnvPool, args, step: int, mix: dict, d: distributed.Dist,
-            ref_policy=None, span=rundir.no_span) -> dict:
+            ref_policy=None, span=contextlib.nullcontext) -> dict:
     """Rollouts (this rank's shards), then the update; span(phase) times each (the profile)."""
     with span("rollouts"):
         eps = rollouts(engine, pool, args, step, mix, d)
