@@ -42,6 +42,28 @@ def routing_noise(args) -> float:
     return args.routing_noise if args.routing_replay == "off" else 0.0
 
 
+class perturbed_routing:
+    """Within this context, every router's logits get Gaussian noise of std `sigma` (0: nothing).
+
+    Models what differs between two forward passes of an MoE in a real stack (batch composition,
+    kernels, precision): near-tied experts swap, so pi_old from a second pass is not the policy
+    that the loss's forward computes, and the PPO ratio is no longer exactly 1."""
+
+    def __init__(self, net, sigma: float, seed: int):
+        self.routers = [layer.mlp.router for layer in net.layers] if sigma > 0 else []
+        self.sigma, self.gen, self.hooks = sigma, torch.Generator().manual_seed(seed), []
+
+    def _noise(self, module, inputs, logits):
+        return logits + self.sigma * torch.randn(logits.shape, generator=self.gen).to(logits)
+
+    def __enter__(self):
+        self.hooks = [r.register_forward_hook(self._noise) for r in self.routers]
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+
+
 def sampler_routes(trajectories: list, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampler's routes of N trajectories, right-padded to `length` tokens: (N, T, L, k) int64
     with placeholder experts 0..k-1 where the sampler never ran a position, and processed (N, T)

@@ -397,7 +397,7 @@ def update(policy, opt, eps: Episodes, args, step: int, d: distributed.Dist, ref
     routing = replay.Replay(args.routing_replay, eps.trajectories, tokens.shape[1], d.device)
     old_logp = None  # exactly on-policy: the loss uses logp.detach()
     if args.ppo_epochs > 1 or args.minibatches > 1 or args.routing_noise > 0:
-        with torch.no_grad(), perturbed_routing(policy, replay.routing_noise(args), seed=args.seed * 1_000_033 + step):
+        with torch.no_grad(), replay.perturbed_routing(policy, replay.routing_noise(args), seed=args.seed * 1_000_033 + step):
             old_logp = token_logprobs(policy, tokens, eps.mask, routing.rows())[0]
     ref_logp = None
     if ref_policy is not None:
@@ -447,28 +447,6 @@ def episode_stats(eps: Episodes, names: list[str], d: distributed.Dist) -> dict:
         if count:
             out[f"train/{name}/success"] = hits / count
     return out
-
-
-class perturbed_routing:
-    """Within this context, every router's logits get Gaussian noise of std `sigma` (0: nothing).
-
-    Models what differs between two forward passes of an MoE in a real stack (batch composition,
-    kernels, precision): near-tied experts swap, so pi_old from a second pass is not the policy
-    that the loss's forward computes, and the PPO ratio is no longer exactly 1."""
-
-    def __init__(self, net: model.Transformer, sigma: float, seed: int):
-        self.routers = [layer.mlp.router for layer in net.layers] if sigma > 0 else []
-        self.sigma, self.gen, self.hooks = sigma, torch.Generator().manual_seed(seed), []
-
-    def _noise(self, module, inputs, logits):
-        return logits + self.sigma * torch.randn(logits.shape, generator=self.gen).to(logits)
-
-    def __enter__(self):
-        self.hooks = [r.register_forward_hook(self._noise) for r in self.routers]
-
-    def __exit__(self, *exc):
-        for h in self.hooks:
-            h.remove()
 
 
 # ----------------------------------------------------------------------------------------------
