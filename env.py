@@ -1,9 +1,10 @@
 """Agentic environments for GPT-OSS, written in the harmony chat format (harmony.py).
 
 An episode is a conversation: the environment renders a prompt that ends with `<|start|>assistant`,
-the policy generates one assistant message (stopping at <|call|>, <|return|> or <|end|>), the
-environment answers a tool call with the tool's reply message followed by `<|start|>assistant`,
-and so on until a final answer, an error or the turn limit ends the episode with a reward.
+the policy generates one assistant turn (thoughts if any, then a tool call or an answer: it stops
+at <|call|> or <|return|>), the environment answers a tool call with the tool's reply message
+followed by `<|start|>assistant`, and so on until a final answer, an error or the turn limit ends
+the episode with a reward.
 
     env = make_env("calculator")              # toy tokenizer, compact prompt
     ids = env.reset(seed=0).token_ids         # ends with <|start|>assistant
@@ -134,7 +135,7 @@ class Env:
         self.max_action_tokens = max_action_tokens
         self.max_action_chars = max_action_chars
         self.reasoning = reasoning
-        self.stop_token_ids = self.harmony.stop_token_ids
+        self.stop_token_ids = self.harmony.action_stop_token_ids  # a turn may think before it acts
         self._tools = {tool.name: tool for tool in self.tools}
         self._active = False
         self._continue_ids = self.harmony.encode(START + "assistant")
@@ -483,6 +484,7 @@ class LookupEnv(Env):
 # 3. guess (multi-turn feedback): bisection against higher/lower replies
 
 GUESS_QUESTION = "Guess my number from 1 to "
+GUESS_BOUNDS = "<n<"  # the expert's thought: "16<n<25"
 GUESS = Tool("guess", 'Checks a guess of the hidden number: replies "higher", "lower" or "correct".',
              (("n", "number", "The guess, an integer"),))
 
@@ -502,7 +504,12 @@ class GuessEnv(Env):
     """Find a hidden integer in 1..n with the `guess` tool ("higher": the number is higher than
     the guess). Every assistant turn counts; budget = ceil(log2(n + 1)) turns is what bisection
     needs at worst; max_turns defaults to budget + 2. A final answer counts as a last guess.
-    Reward guess_reward: 1 within the budget, down to 0.5 at max_turns, 0 if not found."""
+    Reward guess_reward: 1 within the budget, down to 0.5 at max_turns, 0 if not found.
+
+    The expert thinks before each guess, in the analysis channel of the same turn: "16<n<25",
+    the bounds the replies so far leave. Writing the state down makes bisection a step from the
+    last thought (copy the guess into one bound, guess the middle) instead of a search over all
+    the turns before, which a small model learns unreliably from demonstrations alone."""
     name = "guess"
     tools = (GUESS,)
     instructions = 'Find the hidden number with the guess tool. "higher" means the number is higher than your guess.'
@@ -549,7 +556,8 @@ class GuessEnv(Env):
         # A mistake is a linear-search step (the lowest or highest number still possible): it
         # rarely finds the number sooner, so mistakes cost turns and leave room for RL.
         guess = rng.choice((lo, hi)) if rng.random() < p_mistake else (lo + hi) // 2
-        return completion(tool_call("guess", {"n": guess}))
+        thought = Message("assistant", f"{lo - 1}{GUESS_BOUNDS}{hi + 1}", "analysis", end=END)  # exclusive bounds
+        return completion(thought) + START + "assistant" + completion(tool_call("guess", {"n": guess}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -672,7 +680,7 @@ def toy_pieces() -> list[str]:
         pieces += [f"functions.{name}", f" to=functions.{name}", f"commentary to=functions.{name} ",
                    f"functions.{name} to=assistant"]
     pieces += ['{"expr":"', '{"q":"', '","field":"', '{"n":', '"}', "error: ", "no match", "higher", "lower", "correct"]
-    pieces += [CALC_QUESTION, LOOKUP_QUESTION, " of ", GUESS_QUESTION, CHAIN_TIMES]
+    pieces += [CALC_QUESTION, LOOKUP_QUESTION, " of ", GUESS_QUESTION, GUESS_BOUNDS, CHAIN_TIMES]
     pieces += list(ATTRIBUTES)
     assert len(set(pieces)) == len(pieces)
     return pieces

@@ -43,7 +43,10 @@ CALL, RETURN = "<|call|>", "<|return|>"
 STARTOFTEXT, ENDOFTEXT = "<|startoftext|>", "<|endoftext|>"
 # In o200k_harmony id order (199998, 199999, 200002, 200003, 200005, 200006, 200007, 200008, 200012).
 HARMONY_SPECIALS = (STARTOFTEXT, ENDOFTEXT, RETURN, CONSTRAIN, CHANNEL, START, END, MESSAGE, CALL)
-STOP_TOKENS = (RETURN, CALL, END)  # the full assistant stop set; RETURN and CALL alone also work
+STOP_TOKENS = (RETURN, CALL, END)  # the full assistant stop set (openai-harmony's stop_tokens())
+# Where an assistant turn ends (stop_tokens_for_assistant_actions()): its thoughts (analysis ... <|end|>)
+# come before the call or answer in the same turn, as vLLM samples GPT-OSS.
+ACTION_STOP_TOKENS = (RETURN, CALL)
 CHANNELS = ("analysis", "commentary", "final")
 _NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # roles and recipients
 _WORD_RE = re.compile(r"[A-Za-z0-9_\-]{1,32}")  # channels and constrain types
@@ -443,6 +446,7 @@ class Harmony:
         added = tokenizer.get_added_tokens_decoder()
         self.special_ids = {token_id for token_id, tok in added.items() if tok.special} | set(self.ids.values())
         self.stop_token_ids = [self.ids[special] for special in STOP_TOKENS]  # [<|return|>, <|call|>, <|end|>]
+        self.action_stop_token_ids = [self.ids[special] for special in ACTION_STOP_TOKENS]
         # Ids may be sparse (o200k reserves some), so the valid range is up to the largest id.
         self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
 

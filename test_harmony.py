@@ -380,6 +380,13 @@ def test_generated_messages_parse_like_openai_harmony(real, reference):
         real.parse(real.encode('<|channel|>commentary to=functions.x <|constrain|>json<|message|>{}<|call|>'))
 
 
+def test_stop_tokens_are_openai_harmonys(real, reference):
+    """A turn ends at <|return|> or <|call|> (its thoughts end with <|end|> and go on); any message at all three."""
+    _, enc = reference
+    assert sorted(real.action_stop_token_ids) == sorted(enc.stop_tokens_for_assistant_actions()) == [200002, 200012]
+    assert sorted(real.stop_token_ids) == sorted(enc.stop_tokens())
+
+
 def test_render_and_json_errors_are_harmony_errors(real):
     for bad in [{"messages": [{"role": "user"}]}, {"messages": [{"role": "user", "content": [{"type": "image"}]}]}, {}, {"messages": 3}]:
         with pytest.raises(harmony.HarmonyError):
