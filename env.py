@@ -17,8 +17,8 @@ the episode with a reward.
 Design choices
 - The toy tokenizer (toy_tokenizer()) gives one token to every recurring piece of text of these
   environments (roles, channels, recipients, JSON argument prefixes, tool replies, names and words
-  of the tasks). A tool call is 9-21 tokens and a whole episode 40-115, so a tiny model learns
-  the tasks on a CPU in minutes.
+  of the tasks). A tool call is 9-21 tokens and a whole episode 21-74 (guess, with a thought in
+  every turn: 15-240), so a tiny model learns the tasks on a CPU in minutes.
 - Two prompt modes: compact (one user message; the task is recognisable from it, encoded in one
   call so the toy's pieces are one token each) for the toy model, full (openai-harmony's system
   and developer content, the tools as JSON schemas, then the user) for a real checkpoint. The
