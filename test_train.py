@@ -3,6 +3,7 @@ checkpoints, resumes bit for bit, and is deterministic for a seed."""
 
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import torch
 
 import distributed
 import env
+import harmony
 import model
 import train
 
@@ -143,3 +145,19 @@ def test_rl_stops_once_the_target_held_for_two_evaluations(tmp_path, monkeypatch
     run(tmp_path, "a", "--steps", "6", "--stop-at", "0.9", "--resume")
     assert "nothing to do" in capsys.readouterr().out
     assert len([r for r in run(tmp_path, "b", "--steps", "3", "--stop-at", "0") if r["phase"] == "rl"]) == 3
+
+
+def test_copy_drills_repeat_the_last_number_with_loss_on_the_answer_only():
+    chat = env.make_env("calculator").harmony
+    tokens, mask = train.copy_drills(chat, random.Random(0), 64)
+    lengths, sources = set(), set()
+    for row, m in zip(tokens.tolist(), mask.tolist()):
+        *context, answer = chat.parse(row[:len(row) - row[::-1].index(chat.ids[harmony.RETURN])], first_role=None)
+        assert 1 <= len(context) <= 3 and all(msg.content.isdigit() for msg in context)
+        assert answer.channel == "final" and answer.content == context[-1].content
+        lengths.add(len(answer.content))
+        sources.add(context[-1].role)
+        taught = [t for t, keep in zip(row, m) if keep]
+        assert chat.decode(taught) == harmony.completion(answer)
+    assert lengths == set(range(1, 11))  # the copy distance varies, so no fixed-offset head solves them all
+    assert sources == {"user", "functions.calculator", "functions.search"}

@@ -90,6 +90,9 @@ def parse_args(argv=None):
                         "warm-started model makes it greedily, and RL has to find and fix it")
     g.add_argument("--demo-mistake", type=float, default=0.2,
                    help="probability of a wrong step in a demonstration (typo, wrong name, non-bisecting guess)")
+    g.add_argument("--copy-drills", type=int, default=16,
+                   help="copy drills added to each supervised batch: random numbers, the last repeated as the final "
+                        "answer (teaches copying a number at any distance; see copy_drills)")
     g.add_argument("--sft-mix", default="calculator=2,lookup=1,guess=2,chain=2",
                    help="with --env mix: relative share of each environment in the demonstrations")
     g = p.add_argument_group("reinforcement learning")
@@ -302,6 +305,24 @@ def demonstrations(envs: list, seeds: list[int], args, buckets: int):
             for part in (eps[i:i + size] for i in range(0, len(eps), size))]
 
 
+def copy_drills(chat: harmony.Harmony, rng: random.Random, n: int):
+    """n rows: one to three messages of 1-10 random digits each (from the user or a tool), then
+    the assistant's final answer repeating the last one (loss on the answer). The copy distance
+    varies with the lengths, so only a content-based copy (an induction head) solves them all,
+    where the tasks alone let a head per distance form, and some seeds lack one after the warm start."""
+    rows, masks = [], []
+    for _ in range(n):
+        numbers = ["".join(rng.choice("0123456789") for _ in range(rng.randint(1, 10)))
+                   for _ in range(rng.randint(1, 3))]
+        msgs = [harmony.Message("user", x) if rng.random() < 0.5 else
+                harmony.tool_reply(rng.choice(["calculator", "search"]), x) for x in numbers]
+        prompt = chat.render_for_completion(msgs)
+        answer = chat.encode(harmony.completion(harmony.final(numbers[-1])))
+        rows.append(prompt + answer)
+        masks.append([0] * len(prompt) + [1] * len(answer))
+    return pad(rows), pad(masks, torch.bool)
+
+
 def sft_lr(args, step: int) -> float:
     """Warmup (20 steps), constant, then a linear decay to 0 over the last quarter: near the peak
     for most steps, where a cosine spends half of them below half of it."""
@@ -324,6 +345,9 @@ def warm_start(policy, args, chat, log, d: distributed.Dist):
         names = choose_envs(args, args.sft_mix, args.sft_batch, f"sft:{step}")
         envs = pool.take(names[d.rank::d.world])
         batches = demonstrations(envs, seeds[d.rank::d.world], args, buckets=4)
+        if args.copy_drills:
+            tokens, mask = copy_drills(chat, random.Random(f"{args.seed}:drill:{step}"), args.copy_drills)
+            batches.append((tokens[d.rank::d.world], mask[d.rank::d.world]))
         n_tokens = d.sum([sum(int(mask[:, 1:].sum()) for _, mask in batches)])[0]
         opt.zero_grad(set_to_none=True)
         loss = 0.0
