@@ -347,7 +347,8 @@ def warm_start(policy, args, chat, log, d: distributed.Dist):
         batches = demonstrations(envs, seeds[d.rank::d.world], args, buckets=4)
         if args.copy_drills:
             tokens, mask = copy_drills(chat, random.Random(f"{args.seed}:drill:{step}"), args.copy_drills)
-            batches.append((tokens[d.rank::d.world], mask[d.rank::d.world]))
+            if len(tokens[d.rank::d.world]):  # a rank can get none when there are fewer drills than ranks
+                batches.append((tokens[d.rank::d.world], mask[d.rank::d.world]))
         n_tokens = d.sum([sum(int(mask[:, 1:].sum()) for _, mask in batches)])[0]
         opt.zero_grad(set_to_none=True)
         loss = 0.0
