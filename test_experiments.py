@@ -36,7 +36,9 @@ def test_plan_is_the_grid_with_explicit_options():
     warm = [r for r in runs if r.kind == "warm"]
     cells = [r for r in runs if r.kind == "cell"]
     assert [r.name for r in warm] == ["warm-s0", "warm-s1"]
-    assert len(cells) == 5 * 4 * 2 and len([r for r in runs if r.kind == "routing"]) == 2
+    assert len(cells) == (3 * 4 + 2 + 1) * 2 and len([r for r in runs if r.kind == "routing"]) == 2
+    assert {r.name for r in cells if r.name.startswith("vllm")} == {"vllm16.off-s0", "vllm16.seq-mis-s0", "vllm32.off-s0",
+                                                                    "vllm16.off-s1", "vllm16.seq-mis-s1", "vllm32.off-s1"}
     vllm16 = next(r for r in cells if r.name == "vllm16.seq-mis-s0").argv
     assert vllm16[vllm16.index("--rollout-engine") + 1] == "vllm" and vllm16[vllm16.index("--vllm-dtype") + 1] == "bfloat16"
     cell = next(r for r in cells if r.name == "nosink.seq-mis-s1")
@@ -47,7 +49,7 @@ def test_plan_is_the_grid_with_explicit_options():
     bf16 = next(r for r in cells if r.name == "bf16.off-s0").argv
     assert bf16[bf16.index("--sampler-dtype") + 1] == "bfloat16" and "--trainer-attention" not in bf16
     assert "--steps" in warm[0].argv and warm[0].argv[warm[0].argv.index("--steps") + 1] == "0"
-    assert experiments.parse_args([]).seeds == [0]  # the default fits make experiments in well under an hour
+    assert experiments.parse_args([]).seeds == [0, 1]  # the default: two seeds, mean and range, within the hour
 
 
 def test_the_runs_snapshot_holds_every_project_file_train_imports():
@@ -65,6 +67,7 @@ def test_analysis_writes_table_json_and_plots(tmp_path):
     write_run(tmp_path, "routing-noise-s0", 10, ppo_kl=1e-4, clip=0.01, routing=0.1)
     data = experiments.analyze(str(tmp_path), "guess", meta={"command": "python experiments.py", "wall_s": 120})
     table = (tmp_path / "table.md").read_text()
+    assert "| 0.75 (0.75-0.75) / 0.70 |" in table  # held-out greedy: mean (range) over seeds 0 and 1
     assert "| no mismatch | off |" in table and "| no-sink trainer | seq-mis |" in table and "incomplete" in table
     none_off = next(g for g in data["grid"] if g["mismatch"] == "none" and g["correction"] == "off")
     assert none_off["seeds"] == [0, 1]
