@@ -123,8 +123,8 @@ def parse_args(argv=None):
                    help="smoke run: tiny model, a few steps, one seed, 'none' and 'nosink' with 'off' and "
                         "'seq-mis' (checks the pipeline; the numbers mean nothing)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
-                   help="seeds (one warm start each); each seed costs about 25 minutes on 2 cores; the table "
-                        "gives the mean and the range over them")
+                   help="seeds (one warm start each); each costs about 20 minutes on 2 cores (seeds 0 and 1: 40 min); "
+                        "the table gives the mean and the range over them")
     g.add_argument("--mismatches", nargs="+", default=list(MISMATCHES), choices=list(MISMATCHES),
                    help="grid rows")
     g.add_argument("--corrections", nargs="+", default=CORRECTIONS, help="grid columns (ppo.CORRECTION_PRESETS names)")
