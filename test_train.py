@@ -2,15 +2,18 @@
 checkpoints, resumes bit for bit, and is deterministic for a seed."""
 
 import json
+import math
 import os
 import random
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
 import distributed
+import drills
 import env
 import harmony
 import model
@@ -147,17 +150,38 @@ def test_rl_stops_once_the_target_held_for_two_evaluations(tmp_path, monkeypatch
     assert len([r for r in run(tmp_path, "b", "--steps", "3", "--stop-at", "0") if r["phase"] == "rl"]) == 3
 
 
-def test_copy_drills_repeat_the_last_number_with_loss_on_the_answer_only():
+def test_copy_drills_repeat_the_last_number_or_name_with_loss_on_the_answer_only():
     chat = env.make_env("calculator").harmony
-    tokens, mask = train.copy_drills(chat, random.Random(0), 64)
-    lengths, sources = set(), set()
-    for row, m in zip(tokens.tolist(), mask.tolist()):
+    tokens, mask = drills.copy_drills(chat, random.Random(0), 64, n_names=64)
+    lengths, sources, doubled = set(), set(), 0
+    for i, (row, m) in enumerate(zip(tokens, mask)):
         *context, answer = chat.parse(row[:len(row) - row[::-1].index(chat.ids[harmony.RETURN])], first_role=None)
-        assert 1 <= len(context) <= 3 and all(msg.content.isdigit() for msg in context)
+        kind = str.isdigit if i < 64 else lambda x: x.isalpha() and x[0].isupper() and x[1:].islower()
+        assert 1 <= len(context) <= 3 and all(kind(msg.content) for msg in context)
         assert answer.channel == "final" and answer.content == context[-1].content
-        lengths.add(len(answer.content))
+        lengths.add((i < 64, len(answer.content)))
         sources.add(context[-1].role)
+        doubled += any(a == b for a, b in zip(answer.content, answer.content[1:]))
         taught = [t for t, keep in zip(row, m) if keep]
         assert chat.decode(taught) == harmony.completion(answer)
-    assert lengths == set(range(1, 11))  # the copy distance varies, so no fixed-offset head solves them all
+    # the copy distance varies, so no fixed-offset head solves them all
+    assert lengths == {(True, n) for n in range(1, 11)} | {(False, n) for n in range(2, 9)}
     assert sources == {"user", "functions.calculator", "functions.search"}
+    assert doubled >= 32  # "Otto": a copy that looks one token back cannot tell where it is
+
+
+def test_bisect_drills_are_expert_guess_episodes_on_other_ranges():
+    chat = env.make_env("guess").harmony
+    args = types.SimpleNamespace(demo_skip_tool=0.0, demo_mistake=0.0)
+    tokens, mask = drills.bisect_drills(chat, random.Random(0), 32, args, {})
+    sizes = set()
+    for row, m in zip(tokens, mask):
+        text = chat.decode(row)
+        size = int(text.split(env.GUESS_QUESTION)[1].split(".")[0])
+        sizes.add(size)
+        thoughts = [t.split("<|end|>")[0] for t in text.split("analysis<|message|>")[1:]]
+        lo, hi = (int(x) for x in thoughts[0].split(env.GUESS_BOUNDS))
+        assert (lo, hi) == (0, size + 1)  # the expert's first thought: the whole range, exclusive
+        assert len(thoughts) <= math.ceil(math.log2(size + 1))  # bisection, no mistakes asked for
+        assert text.rstrip().endswith("<|call|>") and any(m)  # found with a guess; loss on the expert's tokens
+    assert len(sizes) > 16 and sizes <= set(range(8, 65)) and sizes != {32}

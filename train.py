@@ -3,7 +3,8 @@
 What the algorithm really is:
 1. Warm start: supervised fine-tuning on a scripted expert's demonstrations (deliberately
    imperfect: it sometimes skips the tool or guesses badly), so RL starts from a policy that
-   follows the harmony format but is far from optimal, like RL from an instruct model.
+   follows the harmony format but is far from optimal, like RL from an instruct model; drills
+   beside them teach the skills the tasks share (copying numbers and names, bisecting).
    `--init-from DIR` starts from any HF-format checkpoint instead.
 2. Rollouts: the KV-cached sampler plays `--prompts` episodes, each `--group-size` times, in the
    environment; multi-turn (tool calls and their replies). Tokens the model generated get loss
@@ -41,6 +42,7 @@ from tqdm import tqdm
 
 import cli
 import distributed
+import drills
 import env
 import harmony
 import model
@@ -92,7 +94,13 @@ def parse_args(argv=None):
                    help="probability of a wrong step in a demonstration (typo, wrong name, non-bisecting guess)")
     g.add_argument("--copy-drills", type=int, default=16,
                    help="copy drills added to each supervised batch: random numbers, the last repeated as the final "
-                        "answer (teaches copying a number at any distance; see copy_drills)")
+                        "answer (teaches copying a number at any distance; see drills.py)")
+    g.add_argument("--name-drills", type=int, default=8,
+                   help="the same drills with name-like strings with doubled letters ('Otto'), added after "
+                        "the --copy-drills rows (the names the lookup and chain questions hold)")
+    g.add_argument("--bisect-drills", type=int, default=4,
+                   help="guess demonstrations on ranges 1..N, N from 8 to 64, added to each supervised batch (every "
+                        "interval's middle, where the task's 1..32 shows the same few; see drills.py)")
     g.add_argument("--sft-mix", default="calculator=2,lookup=1,guess=2,chain=2",
                    help="with --env mix: relative share of each environment in the demonstrations")
     g = p.add_argument_group("reinforcement learning")
@@ -305,24 +313,6 @@ def demonstrations(envs: list, seeds: list[int], args, buckets: int):
             for part in (eps[i:i + size] for i in range(0, len(eps), size))]
 
 
-def copy_drills(chat: harmony.Harmony, rng: random.Random, n: int):
-    """n rows: one to three messages of 1-10 random digits each (from the user or a tool), then
-    the assistant's final answer repeating the last one (loss on the answer). The copy distance
-    varies with the lengths, so only a content-based copy (an induction head) solves them all,
-    where the tasks alone let a head per distance form, and some seeds lack one after the warm start."""
-    rows, masks = [], []
-    for _ in range(n):
-        numbers = ["".join(rng.choice("0123456789") for _ in range(rng.randint(1, 10)))
-                   for _ in range(rng.randint(1, 3))]
-        msgs = [harmony.Message("user", x) if rng.random() < 0.5 else
-                harmony.tool_reply(rng.choice(["calculator", "search"]), x) for x in numbers]
-        prompt = chat.render_for_completion(msgs)
-        answer = chat.encode(harmony.completion(harmony.final(numbers[-1])))
-        rows.append(prompt + answer)
-        masks.append([0] * len(prompt) + [1] * len(answer))
-    return pad(rows), pad(masks, torch.bool)
-
-
 def sft_lr(args, step: int) -> float:
     """Warmup (20 steps), constant, then a linear decay to 0 over the last quarter: near the peak
     for most steps, where a cosine spends half of them below half of it."""
@@ -334,7 +324,7 @@ def warm_start(policy, args, chat, log, d: distributed.Dist):
     """Supervised steps on demonstrations: cross-entropy on the expert's tokens only, averaged
     over all of them (bucket by bucket, gradients accumulated); the schedule is sft_lr.
     With several ranks each takes its share of the batch."""
-    pool = EnvPool(chat)
+    pool, guess_envs = EnvPool(chat), {}
     opt = torch.optim.AdamW(policy.parameters(), lr=args.sft_lr, betas=(0.9, 0.99), weight_decay=0.0)
     bar = tqdm(range(1, args.sft_steps + 1), desc="warm start", dynamic_ncols=True, disable=not d.main)
     for step in bar:
@@ -345,10 +335,15 @@ def warm_start(policy, args, chat, log, d: distributed.Dist):
         names = choose_envs(args, args.sft_mix, args.sft_batch, f"sft:{step}")
         envs = pool.take(names[d.rank::d.world])
         batches = demonstrations(envs, seeds[d.rank::d.world], args, buckets=4)
-        if args.copy_drills:
-            tokens, mask = copy_drills(chat, random.Random(f"{args.seed}:drill:{step}"), args.copy_drills)
-            if len(tokens[d.rank::d.world]):  # a rank can get none when there are fewer drills than ranks
-                batches.append((tokens[d.rank::d.world], mask[d.rank::d.world]))
+        rows = []
+        if args.copy_drills or args.name_drills:
+            rows.append(drills.copy_drills(chat, random.Random(f"{args.seed}:drill:{step}"), args.copy_drills,
+                                           args.name_drills))
+        if args.bisect_drills:
+            rows.append(drills.bisect_drills(chat, random.Random(f"{args.seed}:bisect:{step}"), args.bisect_drills,
+                                             args, guess_envs))
+        batches += [(pad(tokens[d.rank::d.world]), pad(mask[d.rank::d.world], torch.bool)) for tokens, mask in rows
+                    if tokens[d.rank::d.world]]  # a rank can get none when there are fewer drills than ranks
         n_tokens = d.sum([sum(int(mask[:, 1:].sum()) for _, mask in batches)])[0]
         opt.zero_grad(set_to_none=True)
         loss = 0.0
