@@ -56,7 +56,8 @@ def bisect_drills(chat: harmony.Harmony, rng: random.Random, n: int, args, cache
     eps = []
     for _ in range(n):
         size = rng.randint(8, 64)
-        environment = cache.setdefault(size, env.GuessEnv(chat, n=size))
-        eps.append(environment.expert_episode(rng.randrange(2**31), p_skip_tool=args.demo_skip_tool,
+        if size not in cache:  # an environment renders its prompt once
+            cache[size] = env.GuessEnv(chat, n=size)
+        eps.append(cache[size].expert_episode(rng.randrange(2**31), p_skip_tool=args.demo_skip_tool,
                                               p_mistake=args.demo_mistake))
     return [e.token_ids for e in eps], [e.loss_mask for e in eps]

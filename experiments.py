@@ -11,8 +11,9 @@ runner.py runs them, reusing finished runs whose options and code are unchanged)
 1. A warm start per seed: train.py --steps 0 with the supervised options below (reused while its
    options, and the code it ran, are unchanged).
 2. The grid {no mismatch, no-sink trainer, bf16 sampler} x {off, token-tis, seq-tis, seq-mis}, and
-   the real engine's rows, vLLM bf16 x {off, seq-mis} and vLLM fp32 x {off} (CELLS_OF: a vLLM step
-   costs about twice a sampler step, and these five cells answer its questions), each cell `train.py --init-from <warm start> --steps N ...` in results/runs/<cell>-s<seed>:
+   the real engine's rows, vLLM bf16 x {off, seq-mis} and vLLM fp32 x {off} (CELLS_OF: the five
+   cells that answer its questions; every correction would add six runs a seed), each cell
+   `train.py --init-from <warm start> --steps N ...` in results/runs/<cell>-s<seed>:
      none     sampler and trainer compute the same policy (fp32, one module, sinks in both);
      nosink   --trainer-attention nosink: the trainer drops the attention sinks the sampler keeps
               (the retrospective's FlashAttention-2 bug, the root cause of its collapse);

@@ -23,8 +23,8 @@ import vllm_engine
 
 # option -> its smallest value (and why, when it is not obvious)
 INT_MINIMA = {"sft_steps": 0, "steps": 0, "threads": 0, "rollout_shards": 0, "eval_every": 1, "save_every": 1,
-              "prompts": 1, "sft_batch": 1, "copy_drills": 0, "name_drills": 0, "bisect_drills": 0, "eval_episodes": 1, "max_new_tokens": 1,
-              "ppo_epochs": 1, "minibatches": 1, "group_size": 2}
+              "prompts": 1, "sft_batch": 1, "copy_drills": 0, "name_drills": 0, "bisect_drills": 0, "eval_episodes": 1,
+              "max_new_tokens": 1, "ppo_epochs": 1, "minibatches": 1, "group_size": 2}
 INT_WHY = {"group_size": " (advantages compare rollouts of the same prompt)"}
 # option -> (low, high, low included): every float option of train.py but --sink-init (any finite value)
 FLOAT_RANGES = {"sft_lr": (0, math.inf, True), "lr": (0, math.inf, True), "grad_clip": (0, math.inf, False),
