@@ -94,6 +94,8 @@ WARM_OPTIONS = {  # the warm starts
     "--demo-skip-tool": (0.2, "warm start: demonstrations without the tool"),
     "--demo-mistake": (0.2, "warm start: demonstrations with a wrong step"),
     "--copy-drills": (0, "warm start: train.py's number-copy drills (guess copies no number)"),
+    "--name-drills": (0, "warm start: train.py's name-copy drills (guess copies no name)"),
+    "--bisect-drills": (0, "warm start: train.py's guess demonstrations on other ranges (off: the grid as measured)"),
     "--sink-init": (3.0, "start the warm start's attention sinks at this value, as released GPT-OSS checkpoints "
                          "have sinks of several units (they keep training); 'none': train.py's own init (0)",
                     float_or_none),
