@@ -8,8 +8,7 @@
 
 What it runs (every run is one `train.py` process with --threads 1, up to --jobs at a time;
 runner.py runs them, reusing finished runs whose options and code are unchanged):
-1. A warm start per seed: train.py --steps 0 with the supervised options below (reused while its
-   options, and the code it ran, are unchanged).
+1. A warm start per seed: train.py --steps 0 with the supervised options below.
 2. The grid {no mismatch, no-sink trainer, bf16 sampler} x {off, token-tis, seq-tis, seq-mis}, and
    the real engine's rows, vLLM bf16 x {off, seq-mis} and vLLM fp32 x {off} (CELLS_OF: the five
    cells that answer its questions; every correction would add six runs a seed), each cell
