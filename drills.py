@@ -37,8 +37,8 @@ def copy_drills(chat: harmony.Harmony, rng: random.Random, n: int, n_names: int 
             texts = ["".join(rng.choice("0123456789") for _ in range(rng.randint(1, 10)))
                      for _ in range(rng.randint(1, 3))]
         else:
-            texts = [drill_string(rng, string.ascii_uppercase, 1) +
-                     drill_string(rng, string.ascii_lowercase, rng.randint(1, 7)) for _ in range(rng.randint(1, 3))]
+            texts = [rng.choice(string.ascii_uppercase) + drill_string(rng, string.ascii_lowercase, rng.randint(1, 7))
+                     for _ in range(rng.randint(1, 3))]
         msgs = [harmony.Message("user", x) if rng.random() < 0.5 else
                 harmony.tool_reply(rng.choice(["calculator", "search"]), x) for x in texts]
         prompt = chat.render_for_completion(msgs)
